@@ -1,0 +1,258 @@
+#!/usr/bin/env node
+// Benchmarks docker:// copies of the blobcache CLI against skopeo, side by side in one run, against
+// a real registry (Debian's docker-registry) on 127.0.0.1:
+//
+//   push     oci: -> docker://   into an empty registry (fresh storage before every run)
+//   pull     docker:// -> oci:   into a fresh layout
+//   repush   oci: -> docker://   when the registry already holds every blob
+//
+//   node bench/docker.mjs [--runs N] [--only push,pull,repush] [--cache DIR] [--cli dist/cli.js]
+//
+// The image is bench/make-image.mjs's 4 x 64 MiB one (shared with bench/run.mjs through the same
+// cache directory). Commands alternate run by run after one untimed warm-up each; medians and
+// ratios (ours / skopeo) are printed and written to bench/docker-results.json.
+import { execFileSync, spawn } from 'node:child_process'
+import { existsSync, mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdir, rm, writeFile } from 'node:fs/promises'
+import { request } from 'node:http'
+import { createServer } from 'node:net'
+import { cpus, tmpdir, totalmem } from 'node:os'
+import { dirname, join, resolve } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+import { ensureOciImage } from './make-image.mjs'
+
+const MiB = 1 << 20
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
+const CASES = { push: 0.8, pull: 0.8, repush: 2.0 }
+
+const { values: opts } = parseArgs({
+  options: {
+    runs: { type: 'string', default: '5' },
+    only: { type: 'string' },
+    cache: { type: 'string', default: join(tmpdir(), 'blobcache-bench-v1') },
+    cli: { type: 'string', default: join(ROOT, 'dist', 'cli.js') },
+    help: { type: 'boolean', short: 'h', default: false },
+  },
+})
+if (opts.help) {
+  console.log('usage: node bench/docker.mjs [--runs N] [--only push,pull,repush] [--cache DIR] [--cli PATH]')
+  process.exit(0)
+}
+const runs = Number(opts.runs)
+if (!Number.isInteger(runs) || runs < 1) usage(`--runs must be a positive integer, not ${opts.runs}`)
+const only = opts.only ? opts.only.split(',').map((s) => s.trim()) : Object.keys(CASES)
+for (const c of only) if (!(c in CASES)) usage(`unknown case ${c}; cases: ${Object.keys(CASES).join(' ')}`)
+const CLI = resolve(opts.cli)
+if (!existsSync(CLI)) usage(`${CLI} is missing: run \`npm run build\` first`)
+for (const tool of ['docker-registry', 'skopeo']) if (!which(tool)) usage(`${tool} is not on PATH`)
+
+const work = mkdtempSync(join(tmpdir(), 'blobcache-bench-docker-'))
+const policy = join(work, 'policy.json')
+writeFileSync(policy, JSON.stringify({ default: [{ type: 'insecureAcceptAnything' }] }))
+let registry
+process.on('exit', () => {
+  if (registry?.exitCode === null) registry.kill('SIGKILL')
+  execFileSync('rm', ['-rf', work])
+})
+process.on('SIGINT', () => process.exit(130))
+
+// ---- image and registry ----------------------------------------------------------------------
+const cacheDir = resolve(opts.cache)
+await mkdir(cacheDir, { recursive: true })
+const base = join(cacheDir, 'oci-4x64')
+log(`preparing the image in ${cacheDir} (first run only: a few minutes)`)
+const meta = await ensureOciImage(base, { layers: 4, layerBytes: 64 * MiB, randomShare: 0.5, level: 6 })
+log(`image: 4 layers x 64 MiB content, gzip: ${(meta.blobBytes / MiB).toFixed(1)} MiB of blobs`)
+
+const port = await freePort()
+const host = `127.0.0.1:${port}`
+const storage = join(work, 'storage')
+const config = join(work, 'config.yml')
+await writeFile(
+  config,
+  `version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: ${storage}\n` +
+    `  delete:\n    enabled: true\nhttp:\n  addr: ${host}\n  secret: blobcache-bench\n`,
+)
+
+/** (Re)starts the registry, with empty storage when `wipe`. */
+async function startRegistry(wipe) {
+  await stopRegistry()
+  if (wipe) await rm(storage, { recursive: true, force: true })
+  registry = spawn('docker-registry', ['serve', config], { stdio: 'ignore' })
+  for (let i = 0; i < 200; i++) {
+    if ((await status(`http://${host}/v2/`)) === 200) return
+    await sleep(25)
+  }
+  throw new Error('docker-registry did not start')
+}
+
+async function stopRegistry() {
+  if (!registry || registry.exitCode !== null) return
+  const exited = new Promise((r) => registry.once('exit', r))
+  registry.kill('SIGTERM')
+  await exited
+}
+
+// ---- cases -----------------------------------------------------------------------------------
+const src = `oci:${base}:latest`
+const remote = `docker://${host}/bench/app:latest`
+const dest = join(work, 'pulled')
+const ours = (...args) => ['node', [CLI, 'copy', '-q', ...args]]
+const theirs = (...args) => ['skopeo', ['--policy', policy, 'copy', '-q', ...args]]
+const results = {
+  date: new Date().toISOString(),
+  machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 2 ** 30), node: process.version },
+  skopeo: execFileSync('skopeo', ['--version'], { encoding: 'utf8' }).trim(),
+  registry: execFileSync('docker-registry', ['--version'], { encoding: 'utf8' }).trim(),
+  runs,
+  cases: [],
+}
+const table = []
+let failed = false
+
+if (only.includes('push')) {
+  const times = await timeAlternating(
+    'push',
+    { ours: ours('--dest-tls-verify=false', src, remote), skopeo: theirs('--dest-tls-verify=false', src, remote) },
+    () => startRegistry(true),
+  )
+  table.push(compare('push oci -> docker (empty registry)', times, CASES.push))
+}
+
+if (only.includes('pull') || only.includes('repush')) {
+  await startRegistry(true)
+  const seeded = await exec(...theirs('--dest-tls-verify=false', src, remote))
+  if (seeded.code !== 0) throw new Error(`seeding the registry failed: ${seeded.stderr}`)
+}
+if (only.includes('pull')) {
+  const times = await timeAlternating(
+    'pull',
+    { ours: ours('--src-tls-verify=false', remote, `oci:${dest}:latest`), skopeo: theirs('--src-tls-verify=false', remote, `oci:${dest}:latest`) },
+    () => rm(dest, { recursive: true, force: true }),
+  )
+  table.push(compare('pull docker -> oci', times, CASES.pull))
+}
+if (only.includes('repush')) {
+  const times = await timeAlternating(
+    'repush',
+    { ours: ours('--dest-tls-verify=false', src, remote), skopeo: theirs('--dest-tls-verify=false', src, remote) },
+    async () => {},
+  )
+  table.push(compare('re-push, every blob present', times, CASES.repush))
+}
+await stopRegistry()
+
+printTable(table)
+results.cases = table
+const out = join(ROOT, 'bench', 'docker-results.json')
+writeFileSync(out, JSON.stringify(results, null, 2) + '\n')
+console.log(`\nwrote ${out}`)
+process.exitCode = failed ? 1 : 0
+
+// ---- helpers ---------------------------------------------------------------------------------
+
+/** Runs each command `runs` times, alternating them, after one untimed warm-up of each. */
+async function timeAlternating(name, cmds, prepare) {
+  const times = Object.fromEntries(Object.keys(cmds).map((k) => [k, []]))
+  log(`${name}: ${Object.keys(cmds).join(' / ')}, ${runs} runs each (+1 warm-up)`)
+  for (let round = 0; round <= runs; round++) {
+    for (const [key, [cmd, args]] of Object.entries(cmds)) {
+      if (times[key] === null) continue
+      await prepare()
+      const t0 = performance.now()
+      const r = await exec(cmd, args)
+      const seconds = (performance.now() - t0) / 1000
+      if (r.code !== 0) {
+        failed = true
+        times[key] = null
+        console.error(`  ${key} failed (exit ${r.code}): ${cmd} ${args.join(' ')}\n    ${r.stderr.trim().split('\n').slice(-5).join('\n    ')}`)
+        continue
+      }
+      if (round > 0) times[key].push(seconds)
+    }
+  }
+  return times
+}
+
+function compare(label, times, target) {
+  const ma = times.ours ? median(times.ours) : null
+  const mb = times.skopeo ? median(times.skopeo) : null
+  const ratio = ma !== null && mb !== null ? ma / mb : null
+  if (ratio === null || ratio > target) failed = true
+  return { label, runsOurs: times.ours, runsSkopeo: times.skopeo, medianOurs: round3(ma), medianSkopeo: round3(mb), ratio: round3(ratio), target, pass: ratio !== null && ratio <= target }
+}
+
+function printTable(rows) {
+  const head = ['case', 'ours (s)', 'skopeo (s)', 'ratio', 'target', '']
+  const lines = rows.map((r) => [
+    r.label,
+    r.medianOurs?.toFixed(3) ?? 'error',
+    r.medianSkopeo?.toFixed(3) ?? 'error',
+    r.ratio?.toFixed(3) ?? '-',
+    `<= ${r.target.toFixed(1)}`,
+    r.ratio === null ? '' : r.pass ? 'ok' : 'MISS',
+  ])
+  const widths = head.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i].length)))
+  const fmt = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ').trimEnd()
+  console.log(`\n${fmt(head)}\n${widths.map((w) => '-'.repeat(w)).join('  ')}`)
+  for (const l of lines) console.log(fmt(l))
+}
+
+function exec(cmd, args) {
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] })
+    let stderr = ''
+    child.stderr.setEncoding('utf8')
+    child.stderr.on('data', (s) => (stderr = (stderr + s).slice(-20_000)))
+    child.on('error', reject)
+    child.on('close', (code, signal) => resolvePromise({ code: code ?? (signal ? 128 : 1), stderr }))
+  })
+}
+
+function status(url) {
+  return new Promise((resolvePromise) => {
+    const req = request(url, (res) => {
+      res.resume()
+      resolvePromise(res.statusCode)
+    })
+    req.on('error', () => resolvePromise(0))
+    req.end()
+  })
+}
+
+function freePort() {
+  return new Promise((resolvePromise, reject) => {
+    const server = createServer()
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const { port: p } = server.address()
+      server.close(() => resolvePromise(p))
+    })
+  })
+}
+
+function which(name) {
+  for (const d of (process.env.PATH ?? '').split(':')) if (d && existsSync(join(d, name))) return join(d, name)
+  return undefined
+}
+
+function median(xs) {
+  const s = [...xs].sort((x, y) => x - y)
+  const m = s.length >> 1
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2
+}
+
+function round3(x) {
+  return x === null || x === undefined ? null : Math.round(x * 1000) / 1000
+}
+
+function log(msg) {
+  console.log(`bench: ${msg}`)
+}
+
+function usage(msg) {
+  console.error(`bench: ${msg}`)
+  process.exit(2)
+}

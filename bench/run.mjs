@@ -1,0 +1,342 @@
+#!/usr/bin/env node
+// Benchmarks the blobcache CLI against skopeo on this machine, side by side in one run.
+//
+//   npm run bench                       build, then every case with 5 timed runs each
+//   node bench/run.mjs --runs 9         more runs
+//   node bench/run.mjs --only oci-dir,rss
+//
+// Cases (names for --only): oci-dir oci-oci oci-oci-archive oci-archive-oci dir-oci rss
+// cache-cold cache-warm. Commands of a case are alternated run by run, each run gets a fresh
+// destination (removed before it, outside the timing), and one untimed warm-up run of each
+// command comes first. Prints medians and ratios, and writes bench/results.json.
+import { execFileSync, spawn } from 'node:child_process'
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { mkdir, rm } from 'node:fs/promises'
+import { cpus, loadavg, tmpdir, totalmem } from 'node:os'
+import { dirname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+import { ensureDirImage, ensureOciImage } from './make-image.mjs'
+
+const MiB = 1 << 20
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
+const CLI = join(ROOT, 'dist', 'cli.js')
+
+const CASES = ['oci-dir', 'oci-oci', 'oci-oci-archive', 'oci-archive-oci', 'dir-oci']
+const ALL = [...CASES, 'rss', 'cache-cold', 'cache-warm']
+
+const { values: opts } = parseArgs({
+  options: {
+    runs: { type: 'string', default: '5' },
+    only: { type: 'string' },
+    cache: { type: 'string', default: join(tmpdir(), 'blobcache-bench-v1') },
+    'no-warmup': { type: 'boolean', default: false },
+    help: { type: 'boolean', short: 'h', default: false },
+  },
+})
+if (opts.help) {
+  console.log(
+    'usage: node bench/run.mjs [--runs N] [--only CASE[,CASE…]] [--cache DIR] [--no-warmup]\n' +
+      `cases: ${ALL.join(' ')}\n` +
+      'images are generated once and kept in --cache (default $TMPDIR/blobcache-bench-v1)',
+  )
+  process.exit(0)
+}
+const runs = Number(opts.runs)
+if (!Number.isInteger(runs) || runs < 1) usage(`--runs must be a positive integer, not ${opts.runs}`)
+const only = opts.only ? opts.only.split(',').map((s) => s.trim()).filter(Boolean) : ALL
+for (const c of only) if (!ALL.includes(c)) usage(`unknown case ${c}; cases: ${ALL.join(' ')}`)
+if (!existsSync(CLI)) usage(`${CLI} is missing: run \`npm run build\` first (npm run bench does)`)
+
+const skopeoBin = which('skopeo')
+const timeBin = existsSync('/usr/bin/time') ? '/usr/bin/time' : undefined
+const work = mkdtempSync(join(tmpdir(), 'blobcache-bench-run-'))
+const policy = join(work, 'policy.json')
+writeFileSync(policy, JSON.stringify({ default: [{ type: 'insecureAcceptAnything' }] }))
+process.on('exit', () => execFileSync('rm', ['-rf', work]))
+process.on('SIGINT', () => process.exit(130))
+
+const results = {
+  date: new Date().toISOString(),
+  machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 2 ** 30), node: process.version, loadavgAtStart: loadavg() },
+  skopeo: skopeoBin ? execFileSync(skopeoBin, ['--version'], { encoding: 'utf8' }).trim() : null,
+  runs,
+  cases: [],
+  rss: null,
+  cache: [],
+}
+let failed = false
+
+// ---- images --------------------------------------------------------------------------------
+const cacheDir = resolve(opts.cache)
+await mkdir(cacheDir, { recursive: true })
+const base = join(cacheDir, 'oci-4x64')
+if (!existsSync(join(base, '.complete.json'))) log(`generating the images in ${cacheDir} (first run only: about a minute)`)
+const baseMeta = await ensureOciImage(base, { layers: 4, layerBytes: 64 * MiB, randomShare: 0.5, level: 6 })
+const dirImage = join(cacheDir, 'dir-4x64')
+await ensureDirImage(dirImage, base, baseMeta)
+const archive = join(cacheDir, 'oci-4x64.tar')
+if (!existsSync(archive)) {
+  execFileSync('tar', ['-C', base, '-cf', `${archive}.tmp`, 'oci-layout', 'index.json', 'blobs'])
+  execFileSync('mv', [`${archive}.tmp`, archive])
+}
+log(
+  `image: 4 layers x 64 MiB content (half random, half text), gzip: ` +
+    `${(baseMeta.blobBytes / MiB).toFixed(1)} MiB of blobs, manifest ${baseMeta.manifestDigest.slice(0, 19)}…`,
+)
+
+// ---- copy cases ------------------------------------------------------------------------------
+const dest = join(work, 'dest')
+const destArchive = join(work, 'dest.tar')
+const sources = {
+  oci: `oci:${base}:latest`,
+  dir: `dir:${dirImage}`,
+  'oci-archive': `oci-archive:${archive}:latest`,
+}
+const destinations = {
+  dir: `dir:${dest}`,
+  oci: `oci:${dest}:latest`,
+  'oci-archive': `oci-archive:${destArchive}:latest`,
+}
+const clean = () => Promise.all([rm(dest, { recursive: true, force: true }), rm(destArchive, { force: true })])
+const ours = (src, dst, extra = []) => ['node', [CLI, 'copy', '-q', ...extra, src, dst]]
+const theirs = (src, dst) => [skopeoBin, ['--policy', policy, 'copy', '-q', src, dst]]
+
+const table = []
+for (const name of CASES.filter((c) => only.includes(c))) {
+  const [from, to] = splitCase(name)
+  const src = sources[from]
+  const dst = destinations[to]
+  const cmds = { ours: ours(src, dst) }
+  if (skopeoBin) cmds.skopeo = theirs(src, dst)
+  const times = await timeAlternating(name, cmds, clean)
+  const row = compare(`${from} -> ${to}`, times, 'ours', 'skopeo', 0.6)
+  results.cases.push({ name, src, dst, ...row })
+  table.push(row)
+}
+
+// ---- blob cache cases (issue 3), when the CLI has --blob-cache ----------------------------------
+const wantCache = only.includes('cache-cold') || only.includes('cache-warm')
+if (wantCache && !cliHas('--blob-cache')) {
+  log('cache cases skipped: this build of the CLI has no `copy --blob-cache`')
+} else if (wantCache) {
+  const blobCache = join(work, 'blob-cache')
+  const src = sources.oci
+  const dst = destinations.dir
+  if (only.includes('cache-cold')) {
+    const cmds = { cold: ours(src, dst, ['--blob-cache', blobCache]), ours: ours(src, dst) }
+    if (skopeoBin) cmds.skopeo = theirs(src, dst)
+    const times = await timeAlternating('cache-cold', cmds, () =>
+      Promise.all([clean(), rm(blobCache, { recursive: true, force: true })]),
+    )
+    const a = compare('cold cache vs skopeo', times, 'cold', 'skopeo', 1.0)
+    const b = compare('cold cache vs no cache', times, 'cold', 'ours', 2.0)
+    results.cache.push({ name: 'cache-cold-vs-skopeo', ...a }, { name: 'cache-cold-vs-ours', ...b })
+    table.push(a, b)
+  }
+  if (only.includes('cache-warm')) {
+    await rm(blobCache, { recursive: true, force: true })
+    await clean()
+    await exec(...ours(src, dst, ['--blob-cache', blobCache])) // fills the cache
+    const cmds = { warm: ours(src, dst, ['--blob-cache', blobCache]), ours: ours(src, dst) }
+    const times = await timeAlternating('cache-warm', cmds, clean)
+    const row = compare('warm cache vs no cache', times, 'warm', 'ours', 0.5)
+    results.cache.push({ name: 'cache-warm-vs-ours', ...row })
+    table.push(row)
+  }
+}
+
+printTable(table)
+
+// ---- peak memory ---------------------------------------------------------------------------
+if (only.includes('rss')) {
+  const big = join(cacheDir, 'oci-1x1024')
+  if (!existsSync(join(big, '.complete.json'))) log('generating the 1 GiB layer image (first run only)')
+  const bigMeta = await ensureOciImage(big, { layers: 1, layerBytes: 1024 * MiB, randomShare: 1, level: 1, filesPerLayer: 16 })
+  const src = `oci:${big}:latest`
+  await clean()
+  const oursRss = await peakRss(...ours(src, destinations.dir))
+  let skopeoRss
+  if (skopeoBin) {
+    await clean()
+    skopeoRss = await peakRss(...theirs(src, destinations.dir))
+  }
+  await clean()
+  const layerMiB = bigMeta.layers[0].size / MiB
+  results.rss = {
+    layerMiB: Number(layerMiB.toFixed(1)),
+    method: timeBin ? '/usr/bin/time -f %M' : '/proc/<pid>/status VmHWM',
+    oursMiB: oursRss?.mib ?? null,
+    oursSeconds: oursRss?.seconds ?? null,
+    skopeoMiB: skopeoRss?.mib ?? null,
+    skopeoSeconds: skopeoRss?.seconds ?? null,
+    targetMiB: 150,
+    pass: oursRss ? oursRss.mib <= 150 : false,
+  }
+  if (!oursRss) failed = true
+  console.log(
+    `\npeak RSS copying one ${layerMiB.toFixed(0)} MiB layer oci -> dir (${results.rss.method}):` +
+      `\n  ours   ${fmtMiB(oursRss)}   target <= 150 MiB  ${oursRss ? (results.rss.pass ? 'ok' : 'MISS') : 'ERROR'}` +
+      (skopeoBin ? `\n  skopeo ${fmtMiB(skopeoRss)}` : ''),
+  )
+}
+
+results.machine.loadavgAtEnd = loadavg()
+const out = join(ROOT, 'bench', 'results.json')
+writeFileSync(out, JSON.stringify(results, null, 2) + '\n')
+console.log(`\nwrote ${out}`)
+process.exitCode = failed ? 1 : 0
+
+// ---- helpers -----------------------------------------------------------------------------------
+
+/** Runs each command `runs` times, alternating them, after one untimed warm-up of each. */
+async function timeAlternating(name, cmds, prepare) {
+  const times = Object.fromEntries(Object.keys(cmds).map((k) => [k, []]))
+  const broken = new Set()
+  const rounds = opts['no-warmup'] ? runs : runs + 1
+  log(`${name}: ${Object.keys(cmds).join(' / ')}, ${runs} runs each`)
+  for (let round = 0; round < rounds; round++) {
+    for (const [key, [cmd, args]] of Object.entries(cmds)) {
+      if (broken.has(key)) continue
+      await prepare()
+      const t0 = performance.now()
+      const r = await exec(cmd, args)
+      const seconds = (performance.now() - t0) / 1000
+      if (r.code !== 0) {
+        broken.add(key)
+        failed = true
+        console.error(`  ${key} failed (exit ${r.code}): ${cmd} ${args.join(' ')}\n    ${r.stderr.trim().split('\n').slice(-5).join('\n    ')}`)
+        continue
+      }
+      if (round > 0 || opts["no-warmup"]) times[key].push(round3(seconds))
+    }
+  }
+  await prepare()
+  for (const k of broken) times[k] = null
+  return times
+}
+
+function compare(label, times, a, b, target) {
+  const ma = times[a] ? median(times[a]) : null
+  const mb = times[b] ? median(times[b]) : null
+  const ratio = ma !== null && mb !== null ? ma / mb : null
+  return {
+    label,
+    a,
+    b,
+    runsA: times[a],
+    runsB: times[b],
+    medianA: round3(ma),
+    medianB: round3(mb),
+    ratio: round3(ratio),
+    target,
+    pass: ratio !== null && ratio <= target,
+  }
+}
+
+function printTable(rows) {
+  if (rows.length === 0) return
+  const head = ['case', 'median A (s)', 'median B (s)', 'A/B', 'target', '']
+  const lines = rows.map((r) => [
+    `${r.label} [${r.a}/${r.b}]`,
+    r.medianA?.toFixed(3) ?? 'error',
+    r.medianB?.toFixed(3) ?? (r.runsB === undefined ? 'n/a' : 'error'),
+    r.ratio?.toFixed(3) ?? '-',
+    `<= ${r.target.toFixed(1)}`,
+    r.ratio === null ? '' : r.pass ? 'ok' : 'MISS',
+  ])
+  const widths = head.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i].length)))
+  const fmt = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ').trimEnd()
+  console.log(`\n${fmt(head)}\n${widths.map((w) => '-'.repeat(w)).join('  ')}`)
+  for (const l of lines) console.log(fmt(l))
+}
+
+/** Peak resident memory of one run, in MiB, by /usr/bin/time or by polling VmHWM. */
+async function peakRss(cmd, args) {
+  const t0 = performance.now()
+  if (timeBin) {
+    const r = await exec(timeBin, ['-f', 'BLOBCACHE_BENCH_RSS %M', cmd, ...args])
+    const seconds = (performance.now() - t0) / 1000
+    const m = /BLOBCACHE_BENCH_RSS (\d+)/.exec(r.stderr)
+    if (r.code !== 0 || !m) {
+      console.error(`  ${cmd} failed (exit ${r.code}): ${r.stderr.trim().split('\n').slice(-5).join('\n    ')}`)
+      return undefined
+    }
+    return { mib: round3(Number(m[1]) / 1024), seconds: round3(seconds) }
+  }
+  let peakKiB = 0
+  const r = await exec(cmd, args, (pid) =>
+    setInterval(() => {
+      try {
+        const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
+        if (m) peakKiB = Math.max(peakKiB, Number(m[1]))
+      } catch {
+        // exited between polls
+      }
+    }, 20),
+  )
+  if (r.code !== 0) return undefined
+  return { mib: round3(peakKiB / 1024), seconds: round3((performance.now() - t0) / 1000) }
+}
+
+/** Spawns without a shell; resolves { code, stderr }. `watch(pid)` may return an interval. */
+function exec(cmd, args, watch) {
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] })
+    const timer = watch?.(child.pid)
+    let stderr = ''
+    child.stderr.setEncoding('utf8')
+    child.stderr.on('data', (s) => {
+      stderr = (stderr + s).slice(-20_000)
+    })
+    child.on('error', (err) => {
+      if (timer) clearInterval(timer)
+      reject(err)
+    })
+    child.on('close', (code, signal) => {
+      if (timer) clearInterval(timer)
+      resolvePromise({ code: code ?? (signal ? 128 : 1), stderr })
+    })
+  })
+}
+
+function cliHas(flag) {
+  try {
+    return execFileSync('node', [CLI, 'copy', '--help'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).includes(flag)
+  } catch (err) {
+    return String(err.stdout ?? '').includes(flag)
+  }
+}
+
+function splitCase(name) {
+  const i = name.startsWith('oci-archive-') ? 'oci-archive'.length : name.indexOf('-')
+  return [name.slice(0, i), name.slice(i + 1)]
+}
+
+function which(name) {
+  for (const d of (process.env.PATH ?? '').split(':')) if (d && existsSync(join(d, name))) return join(d, name)
+  return undefined
+}
+
+function median(xs) {
+  const s = [...xs].sort((x, y) => x - y)
+  const m = s.length >> 1
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2
+}
+
+function round3(x) {
+  return x === null || x === undefined ? null : Math.round(x * 1000) / 1000
+}
+
+function fmtMiB(r) {
+  return r ? `${r.mib.toFixed(1).padStart(7)} MiB in ${r.seconds.toFixed(2)} s` : 'error'
+}
+
+function log(msg) {
+  console.log(`bench: ${msg}`)
+}
+
+function usage(msg) {
+  console.error(`bench: ${msg}`)
+  process.exit(2)
+}

@@ -1,0 +1,259 @@
+// The write side of BlobCache: blobs written to the wrapped destination are teed into the cache
+// (verified before they are named), compressed layers are decompressed alongside, manifests are
+// stored under their digest, and tryReusingBlob can supply a blob the wrapped destination lacks
+// from the cache.
+import { createReadStream } from 'node:fs'
+import { lstat, open } from 'node:fs/promises'
+import { join } from 'node:path'
+import { type Readable, Writable, pipeline } from 'node:stream'
+import { pipeline as pipelinePromise } from 'node:stream/promises'
+import debug from 'debug'
+import { type Digest, digestOf, parseDigest } from '../digest.js'
+import { errnoCode, isImageError } from '../errors.js'
+import { layerCompressionOf } from '../manifest.js'
+import type { BlobInfo, CallOptions, ImageDestination, LayerCompression, PutBlobOptions } from '../types.js'
+import { findBlob } from './directory.js'
+import { FILE_MODE, HIGH_WATER_MARK, atomicWriteFile, entryName, fileExists, removeQuietly, tempPath, touch } from './files.js'
+import type { BlobCache } from './reference.js'
+import type { Counters } from './stats.js'
+import { CacheTee, type TeeOutcome } from './tee.js'
+import { makeCompressedVariant } from './variants.js'
+
+const log = debug('blobcache:blobcache:destination')
+
+/**
+ * An image destination that writes through a {@link BlobCache}. Every failure of the cache is
+ * logged and counted, never thrown: the wrapped destination's outcome is the call's outcome.
+ */
+export class BlobCacheDestination implements ImageDestination {
+  readonly #inner: ImageDestination
+  readonly #counters: Counters
+  readonly #dir: string
+  readonly #background = new Set<Promise<unknown>>()
+
+  /** Present only when the wrapped destination has it: stores signatures there. */
+  readonly putSignatures?: (signatures: Buffer[], instanceDigest?: Digest, opts?: CallOptions) => Promise<void>
+  /**
+   * Present only when the wrapped destination has it: stores a blob from a verified local file
+   * there, and copies the file into the cache (re-hashed) when the cache lacks it.
+   */
+  readonly putBlobFromFile?: (path: string, info: BlobInfo, opts?: PutBlobOptions) => Promise<BlobInfo>
+
+  constructor(
+    readonly reference: BlobCache,
+    inner: ImageDestination,
+    counters: Counters,
+  ) {
+    this.#inner = inner
+    this.#counters = counters
+    this.#dir = reference.directory
+    if (inner.putSignatures) this.putSignatures = (sigs, d, o) => inner.putSignatures!(sigs, d, o)
+    if (inner.putBlobFromFile) this.putBlobFromFile = (path, info, o) => this.#putBlobFromFile(path, info, o)
+  }
+
+  /** The wrapped destination. */
+  get inner(): ImageDestination {
+    return this.#inner
+  }
+
+  /** Forwards to the wrapped destination. */
+  supportedManifestMIMETypes(): string[] | undefined {
+    return this.#inner.supportedManifestMIMETypes()
+  }
+
+  /** Forwards to the wrapped destination. */
+  desiredLayerCompression(): LayerCompression {
+    return this.#inner.desiredLayerCompression()
+  }
+
+  /** Forwards to the wrapped destination. */
+  acceptsImageLists(): boolean {
+    return this.#inner.acceptsImageLists()
+  }
+
+  /**
+   * Stores the blob in the wrapped destination and tees it into the cache. The entry is named
+   * `<digest>` (`<digest>.config`) only if the bytes hash to `info.digest` and the wrapped
+   * putBlob succeeded. A compressed layer is also decompressed into `sha256:<diffID>`, with
+   * notes, before this resolves; in `compress` mode an uncompressed layer's compressed variant
+   * is made in the background (finished by `close()`). Without a digest, or when the entry is
+   * already cached, the blob passes through untouched. An invalid digest throws
+   * `DIGEST_INVALID` before anything is read.
+   */
+  async putBlob(stream: Readable, info: BlobInfo, opts: PutBlobOptions = {}): Promise<BlobInfo> {
+    if (!info.digest) return this.#inner.putBlob(stream, info, opts)
+    const digest = parseDigest(info.digest)
+    const name = entryName(digest, opts.isConfig)
+    if (await this.#isCached(name, info.size)) {
+      const result = await this.#inner.putBlob(stream, info, opts)
+      this.#ensureVariant(digest, info, opts)
+      return result
+    }
+    const tee = await this.#openTee(digest, name, opts)
+    if (!tee) return this.#inner.putBlob(stream, info, opts)
+    pipeline(stream, tee, () => {}) // a source error reaches the wrapped putBlob through the tee
+    let result: BlobInfo
+    try {
+      result = await this.#inner.putBlob(tee, info, opts)
+    } catch (err) {
+      await tee.settle(false)
+      throw err
+    }
+    this.#afterStore(digest, info, opts, await tee.settle(true))
+    return result
+  }
+
+  /**
+   * Asks the wrapped destination first; if it lacks the blob and the cache has it (of the right
+   * size), stores the cached file there (with putBlobFromFile when it has one) and resolves what
+   * it stored. A failure to do so is counted and resolves undefined, so the copy goes on as
+   * usual; an entry the wrapped destination finds corrupt is removed.
+   */
+  async tryReusingBlob(info: BlobInfo, opts: PutBlobOptions = {}): Promise<BlobInfo | undefined> {
+    const reused = await this.#inner.tryReusingBlob(info, opts)
+    if (reused || !info.digest) return reused
+    const digest = parseDigest(info.digest)
+    let found
+    try {
+      found = await findBlob(this.#dir, digest, info.size)
+    } catch (err) {
+      this.#error(`looking up ${digest}`, err)
+      return undefined
+    }
+    if (!found) return undefined
+    const blob: BlobInfo = { ...info, digest, size: found.size }
+    const putOpts: PutBlobOptions = { ...opts, isConfig: opts.isConfig || found.isConfig }
+    try {
+      const result = this.#inner.putBlobFromFile
+        ? await this.#inner.putBlobFromFile(found.path, blob, putOpts)
+        : await this.#inner.putBlob(createReadStream(found.path, { highWaterMark: HIGH_WATER_MARK }), blob, putOpts)
+      this.#counters.hit()
+      await touch(found.path)
+      log('reused %s from the cache', digest)
+      if (!found.isConfig) this.#ensureVariant(digest, info, putOpts)
+      return result
+    } catch (err) {
+      if (opts.signal?.aborted) throw opts.signal.reason
+      if (isImageError(err, 'DIGEST_INVALID') || isImageError(err, 'SIZE_INVALID')) await removeQuietly(found.path)
+      this.#error(`storing cached ${found.name}`, err)
+      return undefined
+    }
+  }
+
+  /** Stores the manifest as `<sha256 of bytes>` in the cache (best effort), then forwards it. */
+  async putManifest(bytes: Buffer, instanceDigest?: Digest, opts?: CallOptions): Promise<void> {
+    const digest = digestOf(bytes)
+    try {
+      const path = join(this.#dir, digest)
+      if (!(await fileExists(path))) await atomicWriteFile(path, bytes)
+    } catch (err) {
+      this.#error(`storing manifest ${digest}`, err)
+    }
+    await this.#inner.putManifest(bytes, instanceDigest, opts)
+  }
+
+  /** Forwards to the wrapped destination. */
+  commit(opts?: CallOptions): Promise<void> {
+    return this.#inner.commit(opts)
+  }
+
+  /** Waits for the background work this destination started, then closes the wrapped one. */
+  async close(): Promise<void> {
+    while (this.#background.size > 0) await Promise.all(this.#background)
+    await this.#inner.close()
+  }
+
+  async #putBlobFromFile(path: string, info: BlobInfo, opts: PutBlobOptions = {}): Promise<BlobInfo> {
+    const inner = this.#inner.putBlobFromFile!.bind(this.#inner)
+    if (!info.digest) return inner(path, info, opts)
+    const digest = parseDigest(info.digest)
+    const name = entryName(digest, opts.isConfig)
+    if (await this.#isCached(name, info.size)) {
+      const result = await inner(path, info, opts)
+      this.#ensureVariant(digest, info, opts)
+      return result
+    }
+    const tee = await this.#openTee(digest, name, opts)
+    if (!tee) return inner(path, info, opts)
+    const discard = new Writable({ highWaterMark: HIGH_WATER_MARK, write: (_c, _e, cb) => cb() })
+    const feeding = pipelinePromise(createReadStream(path, { highWaterMark: HIGH_WATER_MARK }), tee, discard, { signal: opts.signal }).then(
+      () => true,
+      () => false,
+    )
+    let result: BlobInfo
+    try {
+      result = await inner(path, info, opts)
+    } catch (err) {
+      tee.destroy()
+      await feeding
+      await tee.settle(false)
+      throw err
+    }
+    this.#afterStore(digest, info, opts, await tee.settle(await feeding))
+    return result
+  }
+
+  /** True when the entry is cached already (with the expected size; a wrong-size one is removed). */
+  async #isCached(name: string, size: number): Promise<boolean> {
+    const path = join(this.#dir, name)
+    try {
+      const st = await lstat(path)
+      if (!st.isFile()) return false
+      if (size < 0 || st.size === size) {
+        await touch(path)
+        log('%s already cached', name)
+        return true
+      }
+      await removeQuietly(path)
+    } catch (err) {
+      const code = errnoCode(err)
+      if (code !== 'ENOENT' && code !== 'ENOTDIR') this.#error(`checking ${name}`, err)
+    }
+    return false
+  }
+
+  /** A tee with its temporary file, or undefined (counted) when the file cannot be created. */
+  async #openTee(digest: Digest, name: string, opts: PutBlobOptions): Promise<CacheTee | undefined> {
+    const path = tempPath(this.#dir, name)
+    try {
+      const handle = await open(path, 'wx', FILE_MODE)
+      return new CacheTee({
+        dir: this.#dir,
+        digest,
+        name,
+        file: { handle, path },
+        decompress: !opts.isConfig,
+        onError: (what, err) => this.#error(what, err),
+      })
+    } catch (err) {
+      this.#error(`creating a temporary file for ${name}`, err)
+      return undefined
+    }
+  }
+
+  /** In `compress` mode, starts making the compressed variant of a newly cached uncompressed layer. */
+  #afterStore(digest: Digest, info: BlobInfo, opts: PutBlobOptions, outcome: TeeOutcome): void {
+    if (outcome.stored && outcome.algorithm === null) this.#ensureVariant(digest, info, opts)
+  }
+
+  /**
+   * In `compress` mode, makes sure the cached layer `digest` has a variant in the cache's
+   * algorithm, unless it is a config or declared compressed; the entry itself is checked too
+   * (see makeCompressedVariant), so a compressed blob gets no variant.
+   */
+  #ensureVariant(digest: Digest, info: BlobInfo, opts: PutBlobOptions): void {
+    const { compress, compressAlgorithm } = this.reference
+    if (compress !== 'compress' || opts.isConfig) return
+    if (info.mediaType !== undefined && layerCompressionOf(info.mediaType) !== null) return
+    const task = this.reference.runInBackground(() =>
+      makeCompressedVariant(this.#dir, digest, compressAlgorithm, (what, err) => this.#error(what, err)),
+    )
+    this.#background.add(task)
+    task.finally(() => this.#background.delete(task)).catch(() => {})
+  }
+
+  #error(what: string, err: unknown): void {
+    this.#counters.error()
+    log('cache error: %s: %s', what, (err as Error)?.message ?? err)
+  }
+}

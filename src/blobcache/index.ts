@@ -1,0 +1,16 @@
+// The blob cache: a containers/image-compatible, content-addressed cache around any image
+// reference. Public exports only.
+export { BlobCache, cacheLookupReferenceFunc, type BlobCacheOptions } from './reference.js'
+export { BlobCacheSource } from './source.js'
+export { BlobCacheDestination } from './destination.js'
+export {
+  CacheDirectory,
+  type CacheEntry,
+  type FoundBlob,
+  type PruneOptions,
+  type PruneResult,
+  type VerifyResult,
+} from './directory.js'
+export type { CacheStats } from './stats.js'
+export type { EntryKind } from './files.js'
+export { formatCompressedNote, parseCompressedNote } from './notes.js'

@@ -1,0 +1,191 @@
+// Derived entries: the decompressed form of a compressed layer (made while the layer streams
+// through the cache), and the compressed variant of an uncompressed layer (made in the
+// background from its cache entry, in `compress` mode). Each is written to a `.tmp-` file,
+// hashed as it is written, named by that hash, and linked to its origin by the notes.
+import { createReadStream, createWriteStream } from 'node:fs'
+import { open, rename } from 'node:fs/promises'
+import { once } from 'node:events'
+import { join } from 'node:path'
+import type { Transform } from 'node:stream'
+import { pipeline } from 'node:stream/promises'
+import debug from 'debug'
+import { PEEK_BYTES, compressStream, decompressStream, detectCompression } from '../compression.js'
+import { type Digest, verifyDigest } from '../digest.js'
+import { errnoCode } from '../errors.js'
+import type { CompressionAlgorithm, DetectedAlgorithm } from '../types.js'
+import { FILE_MODE, HIGH_WATER_MARK, fileExists, removeQuietly, tempPath } from './files.js'
+import { addCompressedVariant, readCompressedNote, writeDecompressedNote } from './notes.js'
+
+const log = debug('blobcache:blobcache:variants')
+
+/** Bytes that may wait for the decompressor before the tee waits for it. */
+const DECOMPRESS_SLACK = 4 << 20
+
+/** Reports a cache failure (logged and counted by the caller). */
+export type CacheErrorHandler = (what: string, err: unknown) => void
+
+/** A finished derived file, not yet named. */
+interface DerivedFile {
+  tmp: string
+  digest: Digest
+}
+
+/**
+ * Decompresses the bytes written to it into a temporary file while hashing them (sha256). A
+ * failure (corrupt data, a missing bzip2/xz program, a full disk) stops it quietly: writes then
+ * do nothing, and {@link done} resolves undefined. Writing waits while the decompressor is
+ * busy, which is what bounds its memory.
+ */
+export class Decompression {
+  readonly #input: Transform | undefined
+  readonly done: Promise<DerivedFile | undefined>
+  #failed = false
+  #aborted = false
+
+  constructor(
+    dir: string,
+    base: string,
+    readonly algorithm: DetectedAlgorithm,
+    onError: CacheErrorHandler,
+  ) {
+    const tmp = tempPath(dir, base)
+    let input: Transform
+    try {
+      input = decompressStream(algorithm)
+    } catch (err) {
+      log('cannot decompress %s: %s', algorithm, (err as Error).message)
+      this.#failed = true
+      this.done = Promise.resolve(undefined)
+      return
+    }
+    this.#input = input
+    const hasher = verifyDigest({ algorithm: 'sha256' })
+    const out = createWriteStream(tmp, { flags: 'wx', mode: FILE_MODE, highWaterMark: HIGH_WATER_MARK })
+    this.done = pipeline(input, hasher, out).then(
+      () => ({ tmp, digest: hasher.digest }),
+      async (err: unknown) => {
+        this.#failed = true
+        await removeQuietly(tmp)
+        if (!this.#aborted) onError(`decompressing ${base} (${algorithm})`, err)
+        return undefined
+      },
+    )
+  }
+
+  /**
+   * Feeds bytes; resolves when the decompressor can take more (or has failed). Up to
+   * {@link DECOMPRESS_SLACK} bytes may wait for it, so that it runs alongside the stream
+   * instead of in step with every chunk.
+   */
+  async write(chunk: Buffer): Promise<void> {
+    const input = this.#input
+    if (!input || this.#failed || input.destroyed || input.writableEnded) return
+    input.write(chunk)
+    if (input.writableLength <= DECOMPRESS_SLACK) return
+    await Promise.race([once(input, 'drain').catch(() => {}), this.done])
+  }
+
+  /** Ends the input; {@link done} settles when everything is decompressed. */
+  end(): void {
+    if (this.#input && !this.#failed && !this.#input.writableEnded) this.#input.end()
+  }
+
+  /** Stops it; {@link done} then resolves undefined and the temporary file is gone. */
+  abort(): void {
+    this.#aborted = true
+    this.#failed = true
+    this.#input?.destroy()
+  }
+}
+
+/**
+ * Names a finished decompressed file `sha256:<U>` (unless that entry exists) and writes the
+ * notes: C is recorded in `<U>.compressed` and U in `<C>.decompressed`. Never rejects; failures
+ * go to `onError`. Resolves U, or undefined when nothing was recorded.
+ */
+export async function storeDecompressed(
+  dir: string,
+  compressed: Digest,
+  algorithm: DetectedAlgorithm,
+  file: DerivedFile,
+  onError: CacheErrorHandler,
+): Promise<Digest | undefined> {
+  try {
+    await placeFile(dir, file)
+    await addCompressedVariant(dir, file.digest, compressed, algorithm)
+    await writeDecompressedNote(dir, compressed, file.digest)
+    log('stored %s, decompressed from %s (%s)', file.digest, compressed, algorithm)
+    return file.digest
+  } catch (err) {
+    await removeQuietly(file.tmp)
+    onError(`storing the decompressed form of ${compressed}`, err)
+    return undefined
+  }
+}
+
+/**
+ * Makes the `algorithm` variant of the cached uncompressed blob `uncompressed` from its entry,
+ * stores it under its digest and records it in the notes. Skipped when the note already names
+ * an existing variant of that algorithm, and when the entry is missing or itself compressed.
+ * Never rejects; resolves the variant's digest.
+ */
+export async function makeCompressedVariant(
+  dir: string,
+  uncompressed: Digest,
+  algorithm: CompressionAlgorithm,
+  onError: CacheErrorHandler,
+): Promise<Digest | undefined> {
+  const tmp = tempPath(dir, `${uncompressed}.${algorithm}`)
+  try {
+    for (const [d, alg] of await readCompressedNote(dir, uncompressed)) {
+      if (alg === algorithm && (await fileExists(join(dir, d)))) return d
+    }
+    if (!(await isUncompressedFile(join(dir, uncompressed)))) return undefined
+    const hasher = verifyDigest({ algorithm: 'sha256' })
+    await pipeline(
+      createReadStream(join(dir, uncompressed), { highWaterMark: HIGH_WATER_MARK }),
+      compressStream(algorithm),
+      hasher,
+      createWriteStream(tmp, { flags: 'wx', mode: FILE_MODE, highWaterMark: HIGH_WATER_MARK }),
+    )
+    const file = { tmp, digest: hasher.digest }
+    await placeFile(dir, file)
+    await addCompressedVariant(dir, uncompressed, file.digest, algorithm)
+    await writeDecompressedNote(dir, file.digest, uncompressed)
+    log('made %s variant %s of %s', algorithm, file.digest, uncompressed)
+    return file.digest
+  } catch (err) {
+    onError(`making the ${algorithm} variant of ${uncompressed}`, err)
+    return undefined
+  } finally {
+    await removeQuietly(tmp)
+  }
+}
+
+/** Renames a verified temp file to its digest, unless that entry is already there. */
+async function placeFile(dir: string, file: DerivedFile): Promise<void> {
+  const path = join(dir, file.digest)
+  if (await fileExists(path)) {
+    await removeQuietly(file.tmp)
+    return
+  }
+  await rename(file.tmp, path)
+}
+
+/** True when the file exists and its first bytes show no known compression. */
+async function isUncompressedFile(path: string): Promise<boolean> {
+  let handle
+  try {
+    handle = await open(path, 'r')
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return false
+    throw err
+  }
+  try {
+    const head = Buffer.alloc(PEEK_BYTES)
+    const { bytesRead } = await handle.read(head, 0, PEEK_BYTES, 0)
+    return detectCompression(head.subarray(0, bytesRead)) === null
+  } finally {
+    await handle.close()
+  }
+}

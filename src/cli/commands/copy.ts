@@ -1,0 +1,134 @@
+import { mkdir } from 'node:fs/promises'
+import { type Command, InvalidArgumentError, Option } from 'commander'
+import { BlobCache } from '../../blobcache/index.js'
+import { type CopyOptions, copyImage } from '../../copy.js'
+import { type Platform, parsePlatform } from '../../manifest.js'
+import { parseImageName } from '../../transports/index.js'
+import type { CompressionAlgorithm, ImageReference, LayerCompression, SystemContext } from '../../types.js'
+import { type RunContext, attempt, parseCount, printJSON } from '../io.js'
+import { createProgress } from '../progress.js'
+
+/** The parsed flags of `blobcache copy`. */
+interface CopyFlags {
+  all?: boolean
+  platform?: Platform
+  destCompress?: boolean
+  destDecompress?: boolean
+  destCompressFormat?: CompressionAlgorithm
+  destCompressLevel?: number
+  format?: 'oci' | 'v2s2'
+  preserveDigests?: boolean
+  removeSignatures?: boolean
+  quiet?: boolean
+  json?: boolean
+  blobCache?: string
+  cacheCompression?: LayerCompression
+  cacheCompressFormat?: CompressionAlgorithm
+}
+
+/** What `copy --json` prints. */
+export interface CopySummary {
+  manifestDigest: string
+  mediaType: string
+  blobs: { copied: number; reused: number }
+  bytes: number
+  cache?: { hits: number; misses: number; errors: number }
+}
+
+function platformArg(value: string): Platform {
+  try {
+    return parsePlatform(value)
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message)
+  }
+}
+
+/** Adds `blobcache copy [flags] SRC DEST` to the program. */
+export function addCopyCommand(program: Command, ctx: RunContext): void {
+  program
+    .command('copy')
+    .description('copy an image (or image list) from SRC to DEST, e.g. oci:/src:latest dir:/dest')
+    .argument('<src>', 'source image name, transport:reference')
+    .argument('<dest>', 'destination image name, transport:reference')
+    .addOption(new Option('-a, --all', 'copy every image of a list, not only the one for this platform').conflicts('platform'))
+    .addOption(new Option('--platform <os/arch[/variant]>', 'copy the image for this platform from a list').argParser(platformArg))
+    .addOption(new Option('--dest-compress', 'compress layers at the destination (gzip unless --dest-compress-format)').conflicts('destDecompress'))
+    .addOption(new Option('--dest-decompress', 'decompress layers at the destination').conflicts('destCompressFormat'))
+    .addOption(new Option('--dest-compress-format <alg>', 'compress layers with this algorithm (implies --dest-compress)').choices(['gzip', 'zstd']))
+    .addOption(new Option('--dest-compress-level <n>', 'compression level for --dest-compress (gzip 1-9, zstd 1-22)').argParser(parseCount))
+    .addOption(new Option('-f, --format <format>', 'manifest format of the destination').choices(['oci', 'v2s2']))
+    .option('--preserve-digests', 'fail rather than change any digest (no conversion or recompression)')
+    .option('--remove-signatures', 'do not copy signatures')
+    .option('-q, --quiet', 'print no progress')
+    .option('--json', 'print one JSON summary at the end (and no progress)')
+    .option('--blob-cache <dir>', 'keep every blob in this cache directory and read blobs from it (created if missing)')
+    .addOption(new Option('--cache-compression <mode>', 'what the cache substitutes for layers it holds (default: preserve)').choices(['preserve', 'compress', 'decompress']))
+    .addOption(new Option('--cache-compress-format <alg>', 'algorithm of compressed variants the cache offers (default: gzip)').choices(['gzip', 'zstd']))
+    .action(async (srcName: string, destName: string, flags: CopyFlags, cmd: Command) => {
+      if (!flags.blobCache && (flags.cacheCompression || flags.cacheCompressFormat)) {
+        cmd.error('error: --cache-compression and --cache-compress-format need --blob-cache', { exitCode: 2, code: 'blobcache.usage' })
+      }
+      await attempt(ctx, `copying ${srcName} to ${destName}`, () => runCopy(ctx, srcName, destName, flags))
+    })
+}
+
+async function runCopy(ctx: RunContext, srcName: string, destName: string, flags: CopyFlags): Promise<void> {
+  const { io, signal } = ctx
+  let src: ImageReference = parseImageName(srcName)
+  let dest: ImageReference = parseImageName(destName)
+  const caches: BlobCache[] = []
+  if (flags.blobCache) {
+    await mkdir(flags.blobCache, { recursive: true })
+    const mode = flags.cacheCompression ?? 'preserve'
+    const options = { compressAlgorithm: flags.cacheCompressFormat ?? 'gzip' }
+    src = new BlobCache(src, flags.blobCache, mode, options)
+    dest = new BlobCache(dest, flags.blobCache, mode, options)
+    caches.push(src as BlobCache, dest as BlobCache)
+  }
+
+  const systemContext: SystemContext = { signal, ...(io.env.TMPDIR ? { tmpDir: io.env.TMPDIR } : {}) }
+  const progress = createProgress(io, flags.quiet || flags.json ? 'quiet' : io.isTTY ? 'bars' : 'lines')
+  const options: CopyOptions = {
+    signal,
+    imageListSelection: flags.all ? 'all' : 'single',
+    platform: flags.platform,
+    compression: flags.destDecompress ? 'decompress' : flags.destCompress || flags.destCompressFormat ? 'compress' : undefined,
+    compressionAlgorithm: flags.destCompressFormat,
+    compressionLevel: flags.destCompressLevel,
+    manifestFormat: flags.format,
+    preserveDigests: flags.preserveDigests,
+    removeSignatures: flags.removeSignatures,
+    onProgress: (e) => progress.onProgress(e),
+    sourceCtx: systemContext,
+    destCtx: systemContext,
+  }
+  let ok = false
+  let result
+  try {
+    result = await copyImage(src, dest, options)
+    ok = true
+  } finally {
+    progress.finish(ok)
+  }
+
+  const summary: CopySummary = {
+    manifestDigest: result.digest,
+    mediaType: result.mediaType,
+    blobs: { copied: result.copied, reused: result.reused },
+    bytes: result.bytes,
+  }
+  if (caches.length > 0) {
+    const cache = { hits: 0, misses: 0, errors: 0 }
+    for (const c of caches) {
+      cache.hits += c.stats.hits
+      cache.misses += c.stats.misses
+      cache.errors += c.stats.errors
+    }
+    summary.cache = cache
+  }
+  if (flags.json) printJSON(io, summary)
+  else if (!flags.quiet && summary.cache) {
+    const { hits, misses, errors } = summary.cache
+    io.stdout.write(`Blob cache ${flags.blobCache}: ${hits} hits, ${misses} misses, ${errors} errors\n`)
+  }
+}

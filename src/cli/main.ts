@@ -1,0 +1,93 @@
+// The `blobcache` command: argv -> one AbortController -> library call -> exit code.
+// tsup bundles this file to dist/cli.js and adds the shebang.
+import { realpathSync } from 'node:fs'
+import { pathToFileURL } from 'node:url'
+import { Command, CommanderError } from 'commander'
+import pkg from '../../package.json' with { type: 'json' }
+import { addCacheCommand } from './commands/cache.js'
+import { addCopyCommand } from './commands/copy.js'
+import { addInspectCommand } from './commands/inspect.js'
+import { type CliIO, type RunContext, describeError, processIO } from './io.js'
+
+export type { CliIO } from './io.js'
+
+/** Exit code of a run that was interrupted twice (128 + SIGINT). */
+const EXIT_INTERRUPTED = 130
+
+/** Builds the command tree for one run. Every command reports through `ctx`. */
+export function createProgram(ctx: RunContext): Command {
+  const { io } = ctx
+  const program = new Command('blobcache')
+    .description('Copy container images between transports, keeping a content-addressed cache of their blobs.')
+    .version(pkg.version, '-v, --version')
+    .exitOverride()
+    .configureOutput({
+      writeOut: (s) => void io.stdout.write(s),
+      writeErr: (s) => void io.stderr.write(s),
+      outputError: (s, write) => write(s),
+    })
+    .addHelpText(
+      'after',
+      '\nImage names are transport:reference, as in skopeo: dir:/path, oci:/path[:tag],\n' +
+        'oci-archive:/file.tar[:tag], docker-archive:/file.tar[:name:tag].',
+    )
+  // Subcommands made with .command() inherit exitOverride and the output configuration.
+  addCopyCommand(program, ctx)
+  addInspectCommand(program, ctx)
+  addCacheCommand(program, ctx)
+  return program
+}
+
+/**
+ * Runs the CLI with `argv` (without node and script) and resolves its exit code: 0 on
+ * success, 1 on failure (one line on stderr naming the image and the cause), 2 on a usage
+ * error (commander's message on stderr). It MUST NOT exit the process itself: the only exit is
+ * a second Ctrl-C, which leaves at once with 130. The first Ctrl-C aborts the run's signal.
+ */
+export async function main(argv: string[], io: CliIO = processIO()): Promise<number> {
+  const controller = new AbortController()
+  let interrupted = false
+  const onSigint = () => {
+    if (interrupted) process.exit(EXIT_INTERRUPTED)
+    interrupted = true
+    io.stderr.write('blobcache: interrupted, cleaning up (press Ctrl-C again to quit at once)\n')
+    const reason = new Error('interrupted')
+    reason.name = 'AbortError'
+    controller.abort(reason)
+  }
+  process.on('SIGINT', onSigint)
+  const ctx: RunContext = { io, signal: controller.signal, exitCode: 0 }
+  try {
+    await createProgram(ctx).parseAsync(argv, { from: 'user' })
+    return ctx.exitCode
+  } catch (err) {
+    if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2
+    io.stderr.write(`blobcache: ${describeError(err)}\n`)
+    return 1
+  } finally {
+    process.removeListener('SIGINT', onSigint)
+  }
+}
+
+/** True when this module is the script node was started with (also through an npm bin link). */
+function isEntryPoint(): boolean {
+  const script = process.argv[1]
+  if (!script) return false
+  try {
+    return import.meta.url === pathToFileURL(realpathSync(script)).href
+  } catch {
+    return false
+  }
+}
+
+if (isEntryPoint()) {
+  main(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code
+    },
+    (err: unknown) => {
+      process.stderr.write(`blobcache: ${describeError(err)}\n`)
+      process.exitCode = 1
+    },
+  )
+}

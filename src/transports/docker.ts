@@ -1,0 +1,247 @@
+// docker://host[:port]/repo[:tag|@digest]: images in a registry speaking the OCI distribution API.
+import type { Readable } from 'node:stream'
+import debug from 'debug'
+import { type Digest, digestAlgorithm, digestOf } from '../digest.js'
+import { ImageError } from '../errors.js'
+import { parseManifest } from '../manifest.js'
+import { MediaType } from '../media-types.js'
+import { type NamedReference, parseNormalizedNamed, withDefaultTag } from '../name.js'
+import { RegistryClient } from '../registry/client.js'
+import { openBlob } from '../registry/download.js'
+import { blobLocations, recordBlobLocation } from '../registry/locations.js'
+import { type TagListOptions, deleteManifest, fetchManifest, fetchTags, pushManifest } from '../registry/manifests.js'
+import { headBlob, mountBlob, uploadBlob } from '../registry/upload.js'
+import type {
+  BlobChunk, BlobInfo, CallOptions, ImageDestination, ImageReference, ImageSource, ImageTransport, LayerCompression,
+  PutBlobOptions, SystemContext,
+} from '../types.js'
+
+const log = debug('blobcache:transports:docker')
+
+/** Mount attempts per blob in {@link ImageDestination.tryReusingBlob}. */
+const MAX_MOUNT_CANDIDATES = 3
+
+/** The `docker:` transport: `docker://registry/repo[:tag|@digest]`, normalised as docker does. */
+export const docker: ImageTransport = {
+  name: 'docker',
+  parseReference: (s: string) => parseDockerReference(s),
+}
+
+/**
+ * Parses the part after `docker:`: `//` then a docker reference. A name without tag or digest
+ * gets `:latest`; `alpine` means `docker.io/library/alpine`. A reference with both a tag and
+ * a digest is refused (as containers/image does). Throws `REFERENCE_INVALID`.
+ */
+export function parseDockerReference(s: string): DockerReference {
+  if (!s.startsWith('//')) {
+    throw new ImageError('REFERENCE_INVALID', `invalid docker reference ${JSON.stringify(s)}: it must start with //`)
+  }
+  const named = withDefaultTag(parseNormalizedNamed(s.slice(2)))
+  if (named.tag !== undefined && named.digest !== undefined) {
+    throw new ImageError('REFERENCE_INVALID', `invalid docker reference ${JSON.stringify(s)}: a tag and a digest together are not supported`)
+  }
+  return new DockerReference(named)
+}
+
+/** An image in a registry, named by a normalised reference with a tag or a digest. */
+export class DockerReference implements ImageReference {
+  readonly transport = docker
+  constructor(readonly named: NamedReference) {
+    if (named.tag === undefined && named.digest === undefined) {
+      throw new ImageError('REFERENCE_INVALID', `docker reference ${named.toString()} needs a tag or a digest`)
+    }
+  }
+
+  /** The registry as named (`docker.io`, `127.0.0.1:5000`). */
+  get registry(): string {
+    return this.named.domain
+  }
+
+  /** The repository path (`library/alpine`). */
+  get repository(): string {
+    return this.named.path
+  }
+
+  /** The tag or digest this reference points at, as used in manifest URLs. */
+  get manifestReference(): string {
+    return this.named.digest ?? this.named.tag!
+  }
+
+  stringWithinTransport(): string {
+    return `//${this.named.toString()}`
+  }
+
+  dockerReference(): NamedReference {
+    return this.named
+  }
+
+  async newImageSource(ctx?: SystemContext): Promise<ImageSource> {
+    return new DockerSource(this, clientFor(this, ctx))
+  }
+
+  async newImageDestination(ctx?: SystemContext): Promise<ImageDestination> {
+    return new DockerDestination(this, clientFor(this, ctx))
+  }
+
+  /** Deletes the manifest this reference resolves to (every tag naming that digest goes with it). */
+  async deleteImage(ctx?: SystemContext): Promise<void> {
+    const client = clientFor(this, ctx)
+    const digest = this.named.digest ?? (await fetchManifest(client, this.repository, this.manifestReference, ctx?.signal)).digest
+    await deleteManifest(client, this.repository, digest, ctx?.signal)
+  }
+}
+
+function clientFor(ref: DockerReference, ctx?: SystemContext): RegistryClient {
+  return new RegistryClient(ref.registry, ctx?.registry ?? {})
+}
+
+/**
+ * Lists the tags of the repository of `ref` (a `docker:` reference or a docker name), following
+ * the registry's pagination.
+ */
+export async function listTags(ref: ImageReference | NamedReference, opts: SystemContext & TagListOptions = {}): Promise<string[]> {
+  const named = 'transport' in ref ? ref.dockerReference() : ref
+  if (!named || ('transport' in ref && ref.transport.name !== 'docker')) {
+    throw new ImageError('UNSUPPORTED', 'listing tags needs a docker:// reference')
+  }
+  const client = new RegistryClient(named.domain, opts.registry ?? {})
+  return fetchTags(client, named.path, opts)
+}
+
+class DockerSource implements ImageSource {
+  #top: Promise<{ bytes: Buffer; mediaType: string }> | undefined
+
+  constructor(
+    readonly reference: DockerReference,
+    readonly client: RegistryClient,
+  ) {}
+
+  getManifest(instanceDigest?: Digest, opts: CallOptions = {}): Promise<{ bytes: Buffer; mediaType: string }> {
+    if (instanceDigest) return this.#fetch(instanceDigest, opts.signal)
+    if (!this.#top) {
+      this.#top = this.#fetch(this.reference.manifestReference, opts.signal)
+      this.#top.catch(() => (this.#top = undefined))
+    }
+    return this.#top
+  }
+
+  async #fetch(reference: string, signal?: AbortSignal): Promise<{ bytes: Buffer; mediaType: string }> {
+    const { registry, repository } = this.reference
+    const { bytes, mediaType } = await fetchManifest(this.client, repository, reference, signal)
+    try {
+      const parsed = parseManifest(bytes, mediaType)
+      if (parsed.kind === 'image') {
+        for (const d of [parsed.manifest.config, ...parsed.manifest.layers]) recordBlobLocation(d.digest, registry, repository)
+      }
+    } catch {
+      // not ours to judge here; the caller parses (and rejects) it
+    }
+    return { bytes, mediaType }
+  }
+
+  /** Streams a blob, resuming with Range after a dropped connection; sizes are checked, digests are the caller's to verify. */
+  async getBlob(info: BlobInfo, opts: CallOptions = {}): Promise<{ stream: Readable; size: number }> {
+    if (!info.digest) throw new ImageError('BLOB_UNKNOWN', 'a registry blob can only be fetched by digest')
+    const { registry, repository } = this.reference
+    // The ImageSource contract leaves verification to the caller (copyImage verifies every blob
+    // in flight); hashing here as well would double the main-thread cost of a pull.
+    const blob = await openBlob(this.client, repository, info.digest, info.size, { signal: opts.signal, verify: false })
+    recordBlobLocation(info.digest, registry, repository)
+    return blob
+  }
+
+  async *getBlobAt(info: BlobInfo, chunks: BlobChunk[], opts: CallOptions = {}): AsyncIterable<Readable> {
+    if (!info.digest) throw new ImageError('BLOB_UNKNOWN', 'a registry blob can only be fetched by digest')
+    for (const range of chunks) {
+      opts.signal?.throwIfAborted()
+      const { stream } = await openBlob(this.client, this.reference.repository, info.digest, info.size, { signal: opts.signal, range })
+      yield stream
+    }
+  }
+
+  /** Signatures are not read from registries (sigstore attachments and lookaside are out of scope). */
+  async getSignatures(): Promise<Buffer[]> {
+    return []
+  }
+
+  async close(): Promise<void> {}
+}
+
+class DockerDestination implements ImageDestination {
+  #pending: Buffer | undefined
+
+  constructor(
+    readonly reference: DockerReference,
+    readonly client: RegistryClient,
+  ) {}
+
+  supportedManifestMIMETypes(): string[] {
+    return [MediaType.ociManifest, MediaType.dockerManifest, MediaType.ociIndex, MediaType.dockerManifestList]
+  }
+
+  /** Registries want compressed layers, as containers/image's docker destination does. */
+  desiredLayerCompression(): LayerCompression {
+    return 'compress'
+  }
+
+  acceptsImageLists(): boolean {
+    return true
+  }
+
+  async putBlob(stream: Readable, info: BlobInfo, opts: PutBlobOptions = {}): Promise<BlobInfo> {
+    const { registry, repository } = this.reference
+    const stored = await uploadBlob(this.client, repository, stream, info, { signal: opts.signal })
+    recordBlobLocation(stored.digest!, registry, repository)
+    return stored
+  }
+
+  /** HEAD in this repository, then a cross-repository mount from repositories of the same registry known to hold the blob. */
+  async tryReusingBlob(info: BlobInfo, opts: PutBlobOptions = {}): Promise<BlobInfo | undefined> {
+    const digest = info.digest
+    if (!digest) return undefined
+    const { registry, repository } = this.reference
+    const size = await headBlob(this.client, repository, digest, opts.signal)
+    if (size !== undefined && (info.size < 0 || size < 0 || size === info.size)) {
+      log('blob %s already in %s/%s', digest, registry, repository)
+      recordBlobLocation(digest, registry, repository)
+      return { digest, size: size >= 0 ? size : info.size, ...(info.mediaType ? { mediaType: info.mediaType } : {}) }
+    }
+    for (const from of blobLocations(digest, registry, repository).slice(0, MAX_MOUNT_CANDIDATES)) {
+      if (await mountBlob(this.client, repository, digest, from, opts.signal)) {
+        recordBlobLocation(digest, registry, repository)
+        const mounted = info.size >= 0 ? info.size : ((await headBlob(this.client, repository, digest, opts.signal)) ?? -1)
+        return { digest, size: mounted, ...(info.mediaType ? { mediaType: info.mediaType } : {}) }
+      }
+    }
+    return undefined
+  }
+
+  /**
+   * Stores an instance of a list at once, by its digest (it is named by nothing yet). The
+   * top-level manifest is checked and kept until {@link commit} pushes it under the reference's
+   * tag (or digest, which MUST match), so nothing is visible under the name before then.
+   */
+  async putManifest(bytes: Buffer, instanceDigest?: Digest, opts: CallOptions = {}): Promise<void> {
+    if (instanceDigest) {
+      await pushManifest(this.client, this.reference.repository, instanceDigest, bytes, undefined, opts.signal)
+      return
+    }
+    const want = this.reference.named.digest
+    if (want && digestOf(bytes, digestAlgorithm(want)) !== want) {
+      throw new ImageError('DIGEST_INVALID', `manifest for ${this.reference.stringWithinTransport()} hashes to ${digestOf(bytes)}, not ${want}`)
+    }
+    this.#pending = bytes
+  }
+
+  /** Pushes the top-level manifest given to putManifest; blobs and instances are already stored. */
+  async commit(opts: CallOptions = {}): Promise<void> {
+    if (!this.#pending) return
+    await pushManifest(this.client, this.reference.repository, this.reference.manifestReference, this.#pending, undefined, opts.signal)
+    this.#pending = undefined
+  }
+
+  /** Drops an uncommitted manifest; uploaded blobs stay unreferenced for the registry's garbage collection. */
+  async close(): Promise<void> {
+    this.#pending = undefined
+  }
+}

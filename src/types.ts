@@ -1,0 +1,148 @@
+import type { Readable } from 'node:stream'
+import type { Digest } from './digest.js'
+import type { NamedReference } from './name.js'
+
+/** What a copy does to layer compression. */
+export type LayerCompression = 'preserve' | 'compress' | 'decompress'
+
+/** Compression algorithms blobcache writes. bzip2 and xz are detected and read only. */
+export type CompressionAlgorithm = 'gzip' | 'zstd'
+
+/** Every algorithm blobcache can detect. */
+export type DetectedAlgorithm = CompressionAlgorithm | 'bzip2' | 'xz'
+
+/** What is known about a blob: its digest, size, media type and, for substitutes, how it differs. */
+export interface BlobInfo {
+  /** Validated digest; never a path. Missing only for a blob whose digest is not yet known. */
+  digest?: Digest
+  /** Byte count; -1 when unknown. */
+  size: number
+  mediaType?: string
+  annotations?: Record<string, string>
+  urls?: string[]
+  /** Set by a source that substitutes a compressed or decompressed variant for a layer. */
+  compressionOperation?: LayerCompression
+  /** With `compressionOperation: 'compress'`, the algorithm of the substitute. */
+  compressionAlgorithm?: CompressionAlgorithm
+}
+
+/** Options every async call accepts. */
+export interface CallOptions {
+  /** Aborts the call; it then rejects with `signal.reason`. */
+  signal?: AbortSignal
+}
+
+/** Settings for opening sources and destinations. Each field documents its default. */
+export interface SystemContext extends CallOptions {
+  /** Directory for temporary files (archive transports). Default: `os.tmpdir()`. */
+  tmpDir?: string
+  /** Registry options, used by the `docker:` transport. */
+  registry?: RegistryOptions
+}
+
+/** Options of the registry client (docker:// transport). */
+export interface RegistryOptions {
+  /** Verify TLS certificates; `false` also allows plain HTTP. Default true. */
+  tlsVerify?: boolean
+  /** Credentials; default: looked up in the auth files. */
+  credentials?: { username: string; password: string } | { identityToken: string }
+  /** Path of an auth file (`--authfile`); default `REGISTRY_AUTH_FILE` and the usual places. */
+  authFile?: string
+}
+
+/** A named way of storing images, such as `dir` or `oci`. */
+export interface ImageTransport {
+  /** The scheme before the colon in an image name. */
+  readonly name: string
+  /** Parses the part after `name:`. MUST throw `REFERENCE_INVALID` for a malformed one. */
+  parseReference(s: string): ImageReference
+}
+
+/** A reference to one image (or image list) within a transport. */
+export interface ImageReference {
+  readonly transport: ImageTransport
+  /** The part after `transport:`; MUST round-trip through `transport.parseReference`. */
+  stringWithinTransport(): string
+  /** The docker reference this image is known by, if any (registry, archive tag, oci name). */
+  dockerReference(): NamedReference | undefined
+  /** Opens the image for reading. */
+  newImageSource(ctx?: SystemContext): Promise<ImageSource>
+  /** Opens the image for writing; nothing is visible until `commit()`. */
+  newImageDestination(ctx?: SystemContext): Promise<ImageDestination>
+  /** Removes the image (its name; blobs where the transport owns them). */
+  deleteImage(ctx?: SystemContext): Promise<void>
+}
+
+/** Byte ranges for {@link ImageSource.getBlobAt}; `length` -1 means to the end. */
+export interface BlobChunk {
+  offset: number
+  length: number
+}
+
+/** An image, or image list, opened for reading. */
+export interface ImageSource {
+  readonly reference: ImageReference
+  /**
+   * Returns the top-level manifest, or with `instanceDigest` the manifest of that instance of
+   * a list. MUST fail `MANIFEST_UNKNOWN` when there is none.
+   */
+  getManifest(instanceDigest?: Digest, opts?: CallOptions): Promise<{ bytes: Buffer; mediaType: string }>
+  /**
+   * Opens a blob. MUST fail `BLOB_UNKNOWN` when it is not there. The stream is not verified by
+   * the source; the caller verifies it.
+   */
+  getBlob(info: BlobInfo, opts?: CallOptions): Promise<{ stream: Readable; size: number }>
+  /** Returns signatures of the image (or instance); empty when there are none. */
+  getSignatures(instanceDigest?: Digest, opts?: CallOptions): Promise<Buffer[]>
+  /**
+   * Optional: the layers to copy, when they differ from the manifest's (substituted variants).
+   * `undefined` means "use the manifest's".
+   */
+  layerInfosForCopy?(instanceDigest?: Digest, opts?: CallOptions): Promise<BlobInfo[] | undefined>
+  /** Optional: reads byte ranges of a blob, one stream per chunk, in order. */
+  getBlobAt?(info: BlobInfo, chunks: BlobChunk[], opts?: CallOptions): AsyncIterable<Readable>
+  /** Optional: the local path of a blob whose bytes are known to match its digest. */
+  getVerifiedBlobPath?(info: BlobInfo, opts?: CallOptions): Promise<string | undefined>
+  /** Releases what the source holds (temp dirs, connections). */
+  close(): Promise<void>
+}
+
+/** Options of {@link ImageDestination.putBlob}. */
+export interface PutBlobOptions extends CallOptions {
+  /** The blob is the image config. */
+  isConfig?: boolean
+}
+
+/** An image being written. Nothing is visible under its name before `commit()`. */
+export interface ImageDestination {
+  readonly reference: ImageReference
+  /** Manifest types it stores, preferred first; `undefined` means any. */
+  supportedManifestMIMETypes(): string[] | undefined
+  /** What it wants done to layers that are copied into it. */
+  desiredLayerCompression(): LayerCompression
+  /** Whether it can store an image list (index) and its instances. */
+  acceptsImageLists(): boolean
+  /**
+   * Stores a blob. MUST verify the digest if given, and on any stream error or mismatch fail
+   * and keep nothing. Resolves the stored blob's digest and size.
+   */
+  putBlob(stream: Readable, info: BlobInfo, opts?: PutBlobOptions): Promise<BlobInfo>
+  /**
+   * Optional: stores a blob from a local file whose bytes are known to match `info.digest`,
+   * for example by `fs.copyFile`. Same contract as putBlob otherwise.
+   */
+  putBlobFromFile?(path: string, info: BlobInfo, opts?: PutBlobOptions): Promise<BlobInfo>
+  /** Resolves the stored blob's info if the destination already holds it, else undefined. */
+  tryReusingBlob(info: BlobInfo, opts?: PutBlobOptions): Promise<BlobInfo | undefined>
+  /** Stores a manifest: the top-level one, or with `instanceDigest` that instance of a list. */
+  putManifest(bytes: Buffer, instanceDigest?: Digest, opts?: CallOptions): Promise<void>
+  /**
+   * Optional: stores signatures. A destination without it cannot store signatures, and
+   * copyImage refuses to drop them unless told to.
+   */
+  putSignatures?(signatures: Buffer[], instanceDigest?: Digest, opts?: CallOptions): Promise<void>
+  /** Makes the image visible under its name. */
+  commit(opts?: CallOptions): Promise<void>
+  /** Releases resources; without a commit, MUST remove what was staged. */
+  close(): Promise<void>
+}

@@ -1,0 +1,163 @@
+// Starts the real CNCF distribution registry (Debian's `docker-registry`) on 127.0.0.1 on a free
+// port with its own temporary storage, optionally behind htpasswd basic auth or bearer-token auth
+// (see token-server.ts), and stops it by its process id.
+import { type ChildProcess, execFile, spawn } from 'node:child_process'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { get } from 'node:http'
+import { type AddressInfo, createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { promisify } from 'node:util'
+import { docker } from '../../src/transports/docker.js'
+import type { ImageReference, RegistryOptions, SystemContext } from '../../src/types.js'
+import { type TokenServer, type TokenServerOptions, startTokenServer } from './token-server.js'
+
+const exec = promisify(execFile)
+
+/** Options of {@link startRegistry}. Each field documents its default. */
+export interface TestRegistryOptions {
+  /** `none`, `htpasswd` (basic auth, bcrypt entries) or `token` (bearer tokens). Default `none`. */
+  auth?: 'none' | 'htpasswd' | 'token'
+  /** Users for htpasswd or the token server. Default `{ alice: 'wonderland' }`. */
+  users?: Record<string, string>
+  /** Further token-server options (auth `token` only). */
+  token?: Omit<TokenServerOptions, 'dir' | 'users'>
+}
+
+/** A running registry. */
+export interface TestRegistry {
+  /** `127.0.0.1:<port>`, the registry part of image names. */
+  host: string
+  port: number
+  /** Its storage and config directory. */
+  dir: string
+  users: Record<string, string>
+  /** The token server, with auth `token`. */
+  tokenServer?: TokenServer
+  pid: number
+  /** Stops the registry (and token server) and removes its storage. */
+  stop(): Promise<void>
+}
+
+/** A port that was free a moment ago on 127.0.0.1. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer()
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as AddressInfo
+      server.close(() => resolve(port))
+    })
+  })
+}
+
+/** GET `url`, resolving its status (0 when the connection fails). */
+export function httpStatus(url: string): Promise<number> {
+  return new Promise((resolve) => {
+    const req = get(url, (res) => {
+      res.resume()
+      resolve(res.statusCode ?? 0)
+    })
+    req.on('error', () => resolve(0))
+    req.setTimeout(2000, () => req.destroy())
+  })
+}
+
+/** Starts `docker-registry serve` with a config of its own; resolves once `GET /v2/` answers 200 or 401. */
+export async function startRegistry(opts: TestRegistryOptions = {}): Promise<TestRegistry> {
+  const dir = await mkdtemp(join(tmpdir(), 'blobcache-registry-'))
+  const users = opts.users ?? { alice: 'wonderland' }
+  let tokenServer: TokenServer | undefined
+  let child: ChildProcess | undefined
+  try {
+    let auth = ''
+    if (opts.auth === 'htpasswd') {
+      const lines: string[] = []
+      for (const [user, password] of Object.entries(users)) {
+        const { stdout } = await exec('htpasswd', ['-Bbn', user, password])
+        lines.push(stdout.trim())
+      }
+      await writeFile(join(dir, 'htpasswd'), lines.join('\n') + '\n')
+      auth = `auth:\n  htpasswd:\n    realm: test-registry\n    path: ${join(dir, 'htpasswd')}\n`
+    } else if (opts.auth === 'token') {
+      tokenServer = await startTokenServer({ ...opts.token, dir, users })
+      auth =
+        `auth:\n  token:\n    realm: ${tokenServer.realm}\n    service: ${tokenServer.service}\n` +
+        `    issuer: ${tokenServer.issuer}\n    rootcertbundle: ${tokenServer.certPath}\n`
+    }
+    for (let attempt = 0; ; attempt++) {
+      const port = await freePort()
+      const config =
+        `version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n` +
+        `storage:\n  filesystem:\n    rootdirectory: ${join(dir, 'storage')}\n  delete:\n    enabled: true\n` +
+        `http:\n  addr: 127.0.0.1:${port}\n  secret: blobcache-test-secret\n` +
+        auth
+      await writeFile(join(dir, 'config.yml'), config)
+      const proc = spawn('docker-registry', ['serve', join(dir, 'config.yml')], { stdio: ['ignore', 'ignore', 'pipe'] })
+      child = proc
+      let stderr = ''
+      proc.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)))
+      const exited = new Promise<number>((resolve) => proc.once('exit', (code) => resolve(code ?? -1)))
+      const url = `http://127.0.0.1:${port}/v2/`
+      const deadline = Date.now() + 15_000
+      let status = 0
+      while (Date.now() < deadline && proc.exitCode === null) {
+        status = await httpStatus(url)
+        if (status === 200 || status === 401) break
+        await sleep(50)
+      }
+      if (status === 200 || status === 401) {
+        const pid = proc.pid!
+        return {
+          host: `127.0.0.1:${port}`,
+          port,
+          dir,
+          users,
+          tokenServer,
+          pid,
+          stop: async () => {
+            if (proc.exitCode === null) {
+              process.kill(pid, 'SIGTERM')
+              const timer = setTimeout(() => proc.exitCode === null && process.kill(pid, 'SIGKILL'), 5000)
+              await exited
+              clearTimeout(timer)
+            }
+            await tokenServer?.close()
+            await rm(dir, { recursive: true, force: true })
+          },
+        }
+      }
+      if (proc.exitCode === null) {
+        proc.kill('SIGKILL')
+        await exited
+      }
+      // the port may have been taken between freePort() and the registry's bind: try another
+      if (attempt >= 2 || !/address already in use/.test(stderr)) {
+        throw new Error(`docker-registry did not start (status ${status}): ${stderr.trim()}`)
+      }
+    }
+  } catch (err) {
+    if (child && child.exitCode === null) child.kill('SIGKILL')
+    await tokenServer?.close()
+    await rm(dir, { recursive: true, force: true })
+    throw err
+  }
+}
+
+/**
+ * A `docker://host/name` reference whose sources and destinations open with `registry` options
+ * unless the caller passes a context (default: plain HTTP allowed, as the test registries need).
+ */
+export function registryRef(host: string, name: string, registry: RegistryOptions = { tlsVerify: false }): ImageReference {
+  const ref = docker.parseReference(`//${host}/${name}`)
+  const withOptions = (c?: SystemContext): SystemContext => ({ ...c, registry: c?.registry ?? registry })
+  return {
+    transport: ref.transport,
+    stringWithinTransport: () => ref.stringWithinTransport(),
+    dockerReference: () => ref.dockerReference(),
+    newImageSource: (c) => ref.newImageSource(withOptions(c)),
+    newImageDestination: (c) => ref.newImageDestination(withOptions(c)),
+    deleteImage: (c) => ref.deleteImage(withOptions(c)),
+  }
+}

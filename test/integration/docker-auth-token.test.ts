@@ -1,0 +1,72 @@
+// docker:// against the real registry with bearer-token auth: the registry verifies ES256 JWTs
+// from the test token server. Tokens come from the WWW-Authenticate challenge (realm, service,
+// scope), are cached per scope, are renewed after a 401, and a token without the needed scope
+// ends in a typed DENIED error.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { RegistryClient } from '../../src/registry/client.js'
+import { fetchManifest } from '../../src/registry/manifests.js'
+import type { RegistryOptions } from '../../src/types.js'
+import { checkImage } from '../helpers/conformance.js'
+import { peer } from '../helpers/peers.js'
+import { type RandomImage, buildRandomImage, putRandomImage, writeRandomImage } from '../helpers/random-image.js'
+import { type TestRegistry, registryRef, startRegistry } from '../helpers/registry.js'
+
+const ready = peer('docker-registry')
+
+describe.skipIf(!ready)('docker:// with bearer-token auth', () => {
+  let registry: TestRegistry
+  let image: RandomImage
+  const alice = { username: 'alice', password: 'wonderland' }
+  const at = (name: string, options?: RegistryOptions) => registryRef(registry.host, name, { tlsVerify: false, ...options })
+  const tokenRequests = (scope: string) => registry.tokenServer!.requests.filter((r) => r.scopes.includes(scope))
+
+  beforeAll(async () => {
+    registry = await startRegistry({
+      auth: 'token',
+      token: {
+        identityTokens: { 'refresh-alice': 'alice' },
+        // readonly/* may be pulled but not pushed; anonymous users get nothing
+        grant: (user, repository, actions) =>
+          user === undefined ? [] : repository.startsWith('readonly/') ? actions.filter((a) => a === 'pull') : actions,
+      },
+    })
+  })
+  afterAll(async () => {
+    await registry?.stop()
+  })
+
+  it('pushes with one token per scope, then pulls', async () => {
+    image = await writeRandomImage(at('tok/app:v1', { credentials: alice }), { layers: 3, seed: 21 })
+    expect(tokenRequests('repository:tok/app:pull,push').map((r) => [r.user, r.status])).toEqual([['alice', 200]])
+    const src = await at('tok/app:v1', { credentials: alice }).newImageSource()
+    await checkImage(src, image)
+    expect(tokenRequests('repository:tok/app:pull')).toHaveLength(1)
+  })
+
+  it('renews a token the registry rejects (401) and carries on', async () => {
+    registry.tokenServer!.expireNext(1)
+    const before = tokenRequests('repository:tok/app:pull').length
+    const client = new RegistryClient(registry.host, { tlsVerify: false, credentials: alice })
+    expect((await fetchManifest(client, 'tok/app', 'v1')).digest).toBe(image.manifestDigest)
+    expect(tokenRequests('repository:tok/app:pull').length - before).toBe(2)
+  })
+
+  it('gets tokens with an identity token (OAuth2 refresh-token grant)', async () => {
+    const client = new RegistryClient(registry.host, { tlsVerify: false, credentials: { identityToken: 'refresh-alice' } })
+    expect((await fetchManifest(client, 'tok/app', 'v1')).digest).toBe(image.manifestDigest)
+    const last = registry.tokenServer!.requests.at(-1)!
+    expect(last).toMatchObject({ method: 'POST', user: 'alice', status: 200, scopes: ['repository:tok/app:pull'] })
+    const wrong = new RegistryClient(registry.host, { tlsVerify: false, credentials: { identityToken: 'stolen' } })
+    await expect(fetchManifest(wrong, 'tok/app', 'v1')).rejects.toMatchObject({ code: 'UNAUTHORIZED', status: 401 })
+  })
+
+  it('fails DENIED for insufficient_scope and UNAUTHORIZED for bad credentials', async () => {
+    const readonly = await at('readonly/app:v1', { credentials: alice }).newImageDestination()
+    const err = await putRandomImage(readonly, await buildRandomImage({ layers: 1, seed: 3 })).catch((e: Error) => e)
+    expect(err).toMatchObject({ code: 'DENIED', status: 401, registry: registry.host, repository: 'readonly/app' })
+    const anonymous = await at('tok/app:v1').newImageSource()
+    await expect(anonymous.getManifest()).rejects.toMatchObject({ code: 'DENIED', status: 401 })
+    const wrong = await at('tok/app:v1', { credentials: { username: 'alice', password: 'x' } }).newImageSource()
+    await expect(wrong.getManifest()).rejects.toMatchObject({ code: 'UNAUTHORIZED', status: 401 })
+  })
+})

@@ -1,0 +1,145 @@
+// copyImage to and from docker:// against the real registry: single and multi-arch images both
+// ways, existing blobs skipped, blobs mounted across repositories, and skopeo interop (what we
+// push skopeo reads with the same manifest digest, and the reverse).
+import { mkdtemp, readFile, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest'
+import { copyImage } from '../../src/copy.js'
+import { digestOf } from '../../src/digest.js'
+import { clearBlobLocations } from '../../src/registry/locations.js'
+import { dir as dirTransport } from '../../src/transports/dir.js'
+import { OciLayoutReference } from '../../src/transports/oci-layout.js'
+import { checkImage } from '../helpers/conformance.js'
+import { type FaultProxy, startFaultProxy } from '../helpers/fault-proxy.js'
+import { peer } from '../helpers/peers.js'
+import { writeRandomImage, writeRandomIndex } from '../helpers/random-image.js'
+import { type TestRegistry, registryRef, startRegistry } from '../helpers/registry.js'
+import { skopeoOk } from '../helpers/skopeo.js'
+
+const registryBin = peer('docker-registry')
+const skopeo = peer('skopeo')
+
+/** `skopeo inspect [--raw] --tls-verify=false NAME`: its output. */
+async function inspect(name: string, raw = false): Promise<string> {
+  return (await skopeoOk(['inspect', ...(raw ? ['--raw'] : []), '--tls-verify=false', name])).stdout
+}
+
+async function layoutDir(): Promise<string> {
+  const d = await mkdtemp(join(tmpdir(), 'blobcache-docker-copy-'))
+  onTestFinished(() => rm(d, { recursive: true, force: true }))
+  return d
+}
+
+describe.skipIf(!registryBin)('copyImage with docker://', () => {
+  let registry: TestRegistry
+  let proxy: FaultProxy
+  const platforms = [
+    { os: 'linux', architecture: 'amd64' },
+    { os: 'linux', architecture: 'arm64' },
+  ]
+
+  beforeAll(async () => {
+    registry = await startRegistry()
+    proxy = await startFaultProxy(registry.host)
+  })
+  afterAll(async () => {
+    await proxy?.close()
+    await registry?.stop()
+  })
+  const count = (method: string, path: RegExp) => proxy.requests.filter((r) => r.method === method && path.test(r.path)).length
+
+  it('pushes oci: -> docker:// and pulls it back with the same digests', async () => {
+    const dir = await layoutDir()
+    const image = await writeRandomImage(new OciLayoutReference(join(dir, 'src'), 'v1'), { layers: 3, layerSize: 200_000, seed: 1 })
+    const pushed = await copyImage(new OciLayoutReference(join(dir, 'src'), 'v1'), registryRef(proxy.host, 'copy/single:v1'))
+    expect(pushed).toMatchObject({ digest: image.manifestDigest, copied: 4, reused: 0 })
+    const pulled = await copyImage(registryRef(proxy.host, 'copy/single:v1'), new OciLayoutReference(join(dir, 'dst'), 'v1'))
+    expect(pulled.digest).toBe(image.manifestDigest)
+    const src = await new OciLayoutReference(join(dir, 'dst'), 'v1').newImageSource()
+    await checkImage(src, image)
+    await src.close()
+  })
+
+  it('pushes and pulls a multi-arch index with every instance', async () => {
+    const dir = await layoutDir()
+    const written = await writeRandomIndex(new OciLayoutReference(join(dir, 'src'), 'multi'), platforms, { layers: 2 })
+    const pushed = await copyImage(new OciLayoutReference(join(dir, 'src'), 'multi'), registryRef(proxy.host, 'copy/multi:v1'), { imageListSelection: 'all' })
+    expect(pushed.digest).toBe(written.indexDigest)
+    const pulled = await copyImage(registryRef(proxy.host, 'copy/multi:v1'), new OciLayoutReference(join(dir, 'dst'), 'multi'), { imageListSelection: 'all' })
+    expect(pulled.digest).toBe(written.indexDigest)
+    const src = await new OciLayoutReference(join(dir, 'dst'), 'multi').newImageSource()
+    for (const image of written.images) await checkImage(src, image, image.manifestDigest)
+    await src.close()
+    // one platform only: the instance, by its own digest
+    const arm = await copyImage(registryRef(proxy.host, 'copy/multi:v1'), new OciLayoutReference(join(dir, 'arm'), 'x'), { platform: platforms[1] })
+    expect(arm.digest).toBe(written.images[1].manifestDigest)
+  })
+
+  it('re-pushing skips every blob the registry already holds (HEAD only)', async () => {
+    const dir = await layoutDir()
+    const ref = new OciLayoutReference(join(dir, 'src'), 'v1')
+    await writeRandomImage(ref, { layers: 3, seed: 2 })
+    await copyImage(ref, registryRef(proxy.host, 'copy/again:v1'))
+    proxy.clear()
+    const again = await copyImage(ref, registryRef(proxy.host, 'copy/again:v2'))
+    expect(again).toMatchObject({ copied: 0, reused: 4 })
+    expect(count('HEAD', /\/blobs\/sha256:/)).toBe(4)
+    expect(count('POST', /\/blobs\/uploads\//) + count('PATCH', /./) + count('PUT', /\/blobs\//)).toBe(0)
+    expect(count('PUT', /\/manifests\/v2$/)).toBe(1)
+  })
+
+  it('mounts blobs from another repository of the same registry instead of uploading them', async () => {
+    clearBlobLocations()
+    const dir = await layoutDir()
+    const ref = new OciLayoutReference(join(dir, 'src'), 'v1')
+    await writeRandomImage(ref, { layers: 2, seed: 3 })
+    await copyImage(ref, registryRef(proxy.host, 'copy/origin:v1'))
+    proxy.clear()
+    const moved = await copyImage(registryRef(proxy.host, 'copy/origin:v1'), registryRef(proxy.host, 'other/place:v1'))
+    expect(moved.reused).toBe(3)
+    expect(proxy.requests.filter((r) => /\?mount=sha256/.test(r.path)).map((r) => r.status)).toEqual([201, 201, 201])
+    expect(count('GET', /\/blobs\/sha256:/) + count('PATCH', /./) + count('PUT', /\/blobs\//)).toBe(0)
+  })
+
+  describe.skipIf(!skopeo)('skopeo interop', () => {
+    it.for(['oci', 'v2s2'] as const)('what skopeo pushes (%s) we pull with the same manifest digest', async (format) => {
+      const dir = await layoutDir()
+      // skopeo 1.9's oci: transport reads only OCI manifests from a layout; it converts on push
+      const image = await writeRandomImage(new OciLayoutReference(join(dir, 'src'), 'v1'), { layers: 2, seed: 4 })
+      const name = `docker://${registry.host}/skopeo/pushed-${format}:v1`
+      await skopeoOk(['copy', '--dest-tls-verify=false', ...(format === 'v2s2' ? ['--format', 'v2s2'] : []), `oci:${join(dir, 'src')}:v1`, name])
+      const theirs = JSON.parse(await inspect(name)) as { Digest: string; Layers: string[] }
+      const raw = await inspect(name, true)
+      expect(digestOf(raw)).toBe(theirs.Digest)
+      // oci: layouts hold OCI manifests only, so a Docker one is pulled into dir:, byte for byte
+      const target = format === 'oci' ? new OciLayoutReference(join(dir, 'dst'), 'v1') : dirTransport.parseReference(join(dir, 'dst'))
+      const pulled = await copyImage(registryRef(registry.host, `skopeo/pushed-${format}:v1`), target)
+      expect(pulled.digest).toBe(theirs.Digest)
+      expect(pulled.manifest.toString()).toBe(raw)
+      if (format === 'oci') {
+        expect(pulled.digest).toBe(image.manifestDigest)
+        const src = await new OciLayoutReference(join(dir, 'dst'), 'v1').newImageSource()
+        await checkImage(src, image)
+        await src.close()
+      }
+      expect(theirs.Layers).toEqual(image.layers.map((l) => l.digest))
+    })
+
+    it('what we push skopeo pulls with the same manifest digest', async () => {
+      const dir = await layoutDir()
+      const written = await writeRandomIndex(new OciLayoutReference(join(dir, 'src'), 'multi'), platforms, { layers: 2, seed: 5 })
+      const pushed = await copyImage(new OciLayoutReference(join(dir, 'src'), 'multi'), registryRef(registry.host, 'ours/pushed:v1'), { imageListSelection: 'all' })
+      expect(pushed.digest).toBe(written.indexDigest)
+      const args = ['--src-tls-verify=false', '--multi-arch', 'all', '--preserve-digests']
+      await skopeoOk(['copy', ...args, `docker://${registry.host}/ours/pushed:v1`, `oci:${join(dir, 'skopeo')}:v1`])
+      const index = JSON.parse(await readFile(join(dir, 'skopeo', 'index.json'), 'utf8')) as { manifests: { digest: string }[] }
+      expect(index.manifests.map((m) => m.digest)).toEqual([written.indexDigest])
+      const raw = await inspect(`docker://${registry.host}/ours/pushed:v1`, true)
+      expect(raw).toBe(written.index.toString())
+      const instance = JSON.parse(await inspect(`docker://${registry.host}/ours/pushed@${written.images[0].manifestDigest}`)) as { Digest: string; Layers: string[] }
+      expect(instance.Digest).toBe(written.images[0].manifestDigest)
+      expect(instance.Layers).toEqual(written.images[0].layers.map((l) => l.digest))
+    })
+  })
+})
