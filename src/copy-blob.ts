@@ -202,19 +202,22 @@ export class BlobCopier {
     }
     const step = req.mayTransform && detected !== undefined ? this.#step(detected) : undefined
     const input = verifyDigest({ expected: info.digest, size: info.size >= 0 ? info.size : undefined })
-    const stages: Transform[] = [input, this.#progress(info, kind)]
+    // The destination reads the last stage, a DigestStream: the input verifier when the bytes
+    // pass unchanged, else the hasher of the output. It can take the digest from that stream
+    // instead of hashing every byte a second time.
+    const stages: Transform[] = step ? [input, this.#progress(info, kind)] : [this.#progress(info, kind)]
     try {
       if (step?.decompress) stages.push(decompressStream(step.decompress))
       if (step?.compress) stages.push(compressStream(step.compress, { level: this.opts.level }))
     } catch (err) {
       body.destroy()
+      input.destroy()
       for (const t of stages) t.destroy()
       throw err
     }
     const output = step ? verifyDigest() : undefined
-    if (output) stages.push(output)
+    const sink = output ?? input
     if (step) log('layer %s: %s bytes, %o', info.digest, detected ?? 'uncompressed', step)
-    const sink = new PassThrough({ highWaterMark: 1 << 20 })
     const putInfo: BlobInfo = step ? transformedInfo(info, step) : info
     const putting = this.dest.putBlob(sink, putInfo, { signal, isConfig: kind === 'config' })
     putting.catch((err: unknown) => sink.destroy(err as Error))

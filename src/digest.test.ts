@@ -5,12 +5,15 @@ import { describe, expect, it } from 'vitest'
 import {
   type Digest,
   DigestStream,
+  checkDigest,
   digestAlgorithm,
+  digestingStream,
   digestFrom,
   digestHex,
   digestOf,
   isDigest,
   parseDigest,
+  streamDigest,
   verifyDigest,
 } from './digest.js'
 import { DigestMismatchError } from './errors.js'
@@ -171,5 +174,30 @@ describe('verifyDigest', () => {
     setTimeout(() => src.destroy(boom), 5)
     await p
     await expect(q).rejects.toBe(boom)
+  })
+})
+
+describe('digestingStream and checkDigest', () => {
+  it('a consumer takes the digest from a DigestStream instead of hashing again', async () => {
+    const data = Buffer.from('hello blobcache')
+    const expected = digestOf(data)
+    const v = verifyDigest({ expected, size: data.length })
+    const seen = digestingStream(v, expected)
+    expect(seen).toBe(v)
+    await pipeline(Readable.from([data]), v, new Writable({ write: (_c, _e, cb) => cb() }))
+    expect(seen![streamDigest]()).toEqual({ digest: expected, bytes: data.length })
+  })
+
+  it('is not used for another algorithm or a plain stream', () => {
+    const sha512 = digestOf('x', 'sha512')
+    expect(digestingStream(verifyDigest(), sha512)).toBeUndefined()
+    expect(digestingStream(new PassThrough())).toBeUndefined()
+  })
+
+  it('checkDigest fails like the stream would', () => {
+    const d = digestOf('abc')
+    expect(() => checkDigest({ digest: d, bytes: 3 }, { expected: d, size: 3 })).not.toThrow()
+    expect(() => checkDigest({ digest: d, bytes: 3 }, { expected: digestOf('abd') })).toThrow(expect.objectContaining({ code: 'DIGEST_INVALID' }))
+    expect(() => checkDigest({ digest: d, bytes: 3 }, { size: 4 })).toThrow(expect.objectContaining({ code: 'SIZE_INVALID' }))
   })
 })

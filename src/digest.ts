@@ -59,11 +59,36 @@ export interface VerifyOptions {
 }
 
 /**
+ * Implemented by streams that hash every byte they pass on. Once such a stream has ended, a
+ * consumer may call this to get the digest and byte count of what it read, instead of hashing
+ * the same bytes again. A stream that verifies an expected digest fails before it ends if the
+ * bytes do not match, so reading it to its end is itself the proof.
+ */
+export const streamDigest: unique symbol = Symbol.for('blobcache.streamDigest')
+
+/** A stream whose digest can be taken from it once it has ended; see {@link streamDigest}. */
+export interface DigestingStream {
+  /** The algorithm it hashes with. */
+  readonly digestAlgorithm: DigestAlgorithm
+  [streamDigest](): { digest: Digest; bytes: number }
+}
+
+/**
+ * The stream as a {@link DigestingStream} when it is one and hashes with the algorithm of
+ * `expected` (sha256 when none is given), else undefined: then the caller hashes itself.
+ */
+export function digestingStream(stream: unknown, expected?: Digest): DigestingStream | undefined {
+  const s = stream as Partial<DigestingStream> | null
+  if (typeof s?.[streamDigest] !== 'function') return undefined
+  return s.digestAlgorithm === (expected ? digestAlgorithm(expected) : 'sha256') ? (s as DigestingStream) : undefined
+}
+
+/**
  * A pass-through Transform that hashes the bytes flowing through it. With `expected`, it fails
  * at end of stream with {@link DigestMismatchError}; with `size`, it fails with `SIZE_INVALID` as
  * soon as more bytes arrive than announced, or at the end if fewer did.
  */
-export class DigestStream extends Transform {
+export class DigestStream extends Transform implements DigestingStream {
   readonly #hash: Hash
   readonly #algorithm: DigestAlgorithm
   readonly #expected: Digest | undefined
@@ -84,10 +109,19 @@ export class DigestStream extends Transform {
     return this.#bytes
   }
 
+  /** The algorithm this stream hashes with. */
+  get digestAlgorithm(): DigestAlgorithm {
+    return this.#algorithm
+  }
+
   /** The digest of everything seen; available once the stream has flushed. */
   get digest(): Digest {
     if (!this.#digest) throw new Error('DigestStream: digest read before the stream ended')
     return this.#digest
+  }
+
+  [streamDigest](): { digest: Digest; bytes: number } {
+    return { digest: this.digest, bytes: this.#bytes }
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
@@ -102,16 +136,29 @@ export class DigestStream extends Transform {
 
   override _flush(cb: TransformCallback): void {
     this.#digest = `${this.#algorithm}:${this.#hash.digest('hex')}` as Digest
-    if (this.#size >= 0 && this.#bytes !== this.#size) {
-      cb(new ImageError('SIZE_INVALID', `${this.#what()}: got ${this.#bytes} bytes, expected ${this.#size}`))
-    } else if (this.#expected && this.#digest !== this.#expected) {
-      cb(new DigestMismatchError(this.#expected, this.#digest))
-    } else cb()
+    try {
+      checkDigest({ digest: this.#digest, bytes: this.#bytes }, { expected: this.#expected, size: this.#size })
+      cb()
+    } catch (err) {
+      cb(err as Error)
+    }
   }
 
   #what(): string {
     return this.#expected ? `blob ${this.#expected}` : 'blob'
   }
+}
+
+/**
+ * Throws what a {@link DigestStream} with these options would fail with for bytes that hashed
+ * to `got.digest`: `SIZE_INVALID` for a wrong count, {@link DigestMismatchError} for a wrong digest.
+ */
+export function checkDigest(got: { digest: Digest; bytes: number }, opts: Pick<VerifyOptions, 'expected' | 'size'>): void {
+  const what = opts.expected ? `blob ${opts.expected}` : 'blob'
+  if (opts.size !== undefined && opts.size >= 0 && got.bytes !== opts.size) {
+    throw new ImageError('SIZE_INVALID', `${what}: got ${got.bytes} bytes, expected ${opts.size}`)
+  }
+  if (opts.expected && got.digest !== opts.expected) throw new DigestMismatchError(opts.expected, got.digest)
 }
 
 /** Returns a {@link DigestStream}: `pipeline(src, verifyDigest({ expected }), sink)`. */

@@ -8,7 +8,7 @@ import { join } from 'node:path'
 import { type Readable, Writable, pipeline } from 'node:stream'
 import { pipeline as pipelinePromise } from 'node:stream/promises'
 import debug from 'debug'
-import { type Digest, digestOf, parseDigest } from '../digest.js'
+import { type Digest, type DigestingStream, digestOf, digestingStream, parseDigest } from '../digest.js'
 import { errnoCode, isImageError } from '../errors.js'
 import { layerCompressionOf } from '../manifest.js'
 import type { BlobInfo, CallOptions, ImageDestination, LayerCompression, PutBlobOptions } from '../types.js'
@@ -89,7 +89,7 @@ export class BlobCacheDestination implements ImageDestination {
       this.#ensureVariant(digest, info, opts)
       return result
     }
-    const tee = await this.#openTee(digest, name, opts)
+    const tee = await this.#openTee(digest, name, opts, digestingStream(stream, digest))
     if (!tee) return this.#inner.putBlob(stream, info, opts)
     pipeline(stream, tee, () => {}) // a source error reaches the wrapped putBlob through the tee
     let result: BlobInfo
@@ -213,7 +213,7 @@ export class BlobCacheDestination implements ImageDestination {
   }
 
   /** A tee with its temporary file, or undefined (counted) when the file cannot be created. */
-  async #openTee(digest: Digest, name: string, opts: PutBlobOptions): Promise<CacheTee | undefined> {
+  async #openTee(digest: Digest, name: string, opts: PutBlobOptions, upstream?: DigestingStream): Promise<CacheTee | undefined> {
     const path = tempPath(this.#dir, name)
     try {
       const handle = await open(path, 'wx', FILE_MODE)
@@ -224,6 +224,7 @@ export class BlobCacheDestination implements ImageDestination {
         file: { handle, path },
         decompress: !opts.isConfig,
         onError: (what, err) => this.#error(what, err),
+        upstream,
       })
     } catch (err) {
       this.#error(`creating a temporary file for ${name}`, err)

@@ -9,9 +9,10 @@ import { join } from 'node:path'
 import { Transform, type TransformCallback } from 'node:stream'
 import debug from 'debug'
 import { detectCompression, PEEK_BYTES } from '../compression.js'
-import { type Digest, digestAlgorithm } from '../digest.js'
+import { type Digest, type DigestAlgorithm, type DigestingStream, digestAlgorithm, streamDigest } from '../digest.js'
 import type { DetectedAlgorithm } from '../types.js'
 import { HIGH_WATER_MARK, fileExists, removeQuietly } from './files.js'
+import { GunzipOnWorker } from './gunzip-worker.js'
 import { type CacheErrorHandler, Decompression, storeDecompressed } from './variants.js'
 
 const log = debug('blobcache:blobcache:tee')
@@ -30,6 +31,11 @@ export interface CacheTeeOptions {
   decompress: boolean
   /** Receives cache failures; none of them fails the stream. */
   onError: CacheErrorHandler
+  /**
+   * The stream feeding the tee, when it hashes what it passes with the digest's algorithm: its
+   * digest is taken instead of hashing the same bytes here again.
+   */
+  upstream?: DigestingStream
 }
 
 /** What {@link CacheTee.settle} did. */
@@ -50,14 +56,15 @@ export interface TeeOutcome {
  * Each chunk is pushed on before its cache write finishes; the next one waits for that write, so
  * the cache adds at most one chunk of latency and memory stays constant.
  */
-export class CacheTee extends Transform {
+export class CacheTee extends Transform implements DigestingStream {
   readonly #opts: CacheTeeOptions
-  readonly #hash: Hash
+  readonly #hash: Hash | undefined
+  #bytes = 0
   #file: { handle: FileHandle; path: string } | undefined
   #head: Buffer[] | null = []
   #headBytes = 0
   #algorithm: DetectedAlgorithm | null = null
-  #decompression: Decompression | undefined
+  #decompression: Decompression | GunzipOnWorker | undefined
   #computed: Digest | undefined
   #pending: Promise<unknown> = Promise.resolve()
 
@@ -65,11 +72,23 @@ export class CacheTee extends Transform {
     super({ highWaterMark: HIGH_WATER_MARK })
     this.#opts = opts
     this.#file = opts.file
-    this.#hash = createHash(digestAlgorithm(opts.digest))
+    this.#hash = opts.upstream ? undefined : createHash(digestAlgorithm(opts.digest))
+  }
+
+  /** The algorithm of the expected digest, which the tee verifies. */
+  get digestAlgorithm(): DigestAlgorithm {
+    return digestAlgorithm(this.#opts.digest)
+  }
+
+  /** The digest of what passed, so that the wrapped destination need not hash it again. */
+  [streamDigest](): { digest: Digest; bytes: number } {
+    if (this.#computed === undefined) throw new Error('CacheTee: digest read before the stream ended')
+    return { digest: this.#computed, bytes: this.#bytes }
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    this.#hash.update(chunk)
+    this.#hash?.update(chunk)
+    this.#bytes += chunk.length
     this.push(chunk)
     const work: Promise<unknown>[] = []
     if (this.#file) work.push(this.#writeFile(this.#file, chunk))
@@ -88,7 +107,10 @@ export class CacheTee extends Transform {
 
   override _flush(cb: TransformCallback): void {
     const finish = () => {
-      this.#computed = `${digestAlgorithm(this.#opts.digest)}:${this.#hash.digest('hex')}` as Digest
+      // The upstream has ended before this flush, so its digest is final here.
+      this.#computed = this.#opts.upstream
+        ? this.#opts.upstream[streamDigest]().digest
+        : (`${digestAlgorithm(this.#opts.digest)}:${this.#hash!.digest('hex')}` as Digest)
       this.#decompression?.end()
       cb()
     }
@@ -164,7 +186,11 @@ export class CacheTee extends Transform {
     this.#algorithm = detectCompression(head)
     if (!this.#algorithm || !this.#opts.decompress) return
     const base = this.#opts.digest
-    this.#decompression = new Decompression(this.#opts.dir, base, this.#algorithm, this.#opts.onError)
+    // gzip, by far the most common, is decompressed on a worker thread (BLOBCACHE_WORKERS=0: here).
+    this.#decompression =
+      this.#algorithm === 'gzip' && process.env.BLOBCACHE_WORKERS !== '0'
+        ? new GunzipOnWorker(this.#opts.dir, base, this.#opts.onError)
+        : new Decompression(this.#opts.dir, base, this.#algorithm, this.#opts.onError)
     await this.#decompression.write(head)
   }
 }

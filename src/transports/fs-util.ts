@@ -9,7 +9,7 @@ import { dirname, join } from 'node:path'
 import { addAbortSignal, type Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import debug from 'debug'
-import { type Digest, verifyDigest } from '../digest.js'
+import { type Digest, checkDigest, digestingStream, streamDigest, verifyDigest } from '../digest.js'
 import { type ErrorCode, ImageError, errnoCode, notFound } from '../errors.js'
 import type { CallOptions } from '../types.js'
 
@@ -73,10 +73,14 @@ export async function writeBlob(stream: Readable, tempDir: string, target: BlobT
   }
   const file = out
   try {
-    const verifier = verifyDigest({ expected: opts.expected, size: opts.size })
-    await pipeline(stream, verifier, file, { signal })
+    // A stream that hashes what it passes on (copyImage's verifier) is not hashed twice.
+    const upstream = digestingStream(stream, opts.expected)
+    const verifier = upstream ? undefined : verifyDigest({ expected: opts.expected, size: opts.size })
+    await pipeline(verifier ? [stream, verifier, file] : [stream, file], { signal })
+    const got = upstream ? upstream[streamDigest]() : { digest: verifier!.digest, bytes: verifier!.bytes }
+    if (upstream) checkDigest(got, opts)
     if (opts.durable !== false) await syncFile(tmp)
-    return await place(tmp, target(verifier.digest), verifier.digest, verifier.bytes)
+    return await place(tmp, target(got.digest), got.digest, got.bytes)
   } catch (err) {
     file.destroy()
     throw signal?.aborted ? signal.reason : err
