@@ -26,6 +26,7 @@ export type ErrorCode =
   | 'SIGNATURES_UNSUPPORTED'
   | 'COMPRESSION_INVALID'
   | 'CACHE_INVALID'
+  | 'ALREADY_EXISTS'
   | 'REGISTRY_ERROR'
 
 /**

@@ -1,6 +1,7 @@
 import debug from 'debug'
 import type { Credentials } from './credentials.js'
 import { RegistryError, parseErrorBody } from './errors.js'
+import { untilAborted } from './retry.js'
 
 const log = debug('blobcache:registry:auth')
 
@@ -10,6 +11,8 @@ export interface Challenge {
   params: Record<string, string>
 }
 
+/** Longest a token request may take, in ms. */
+const TOKEN_TIMEOUT = 60_000
 const TOKEN = /[!#$%&'*+\-.^_`|~0-9A-Za-z]+/y
 const SPACE = /[ \t]*/y
 
@@ -141,22 +144,23 @@ export class Authenticator {
     }
     if (challenge.scheme !== 'bearer') return undefined
     const key = scopeKey(scopes)
-    let entry = this.#tokens.get(key)
-    if (entry) {
-      const cached = await entry.catch(() => undefined)
-      if (!cached || cached.expires <= Date.now()) {
-        if (this.#tokens.get(key) === entry) this.#tokens.delete(key)
-        entry = undefined
-      }
-    }
-    if (!entry) {
-      entry = this.#requestToken(challenge, scopes, creds, signal)
-      this.#tokens.set(key, entry)
-      entry.catch(() => {
-        if (this.#tokens.get(key) === entry) this.#tokens.delete(key)
+    const wait = (p: Promise<CachedToken>) => (signal ? untilAborted(p, signal) : p)
+    const cachedEntry = this.#tokens.get(key)
+    if (cachedEntry) {
+      const cached = await wait(cachedEntry).catch((err: unknown) => {
+        if (signal?.aborted) throw signal.reason
+        return undefined // that request failed; ask again below
       })
+      if (cached && cached.expires > Date.now()) return `Bearer ${cached.token}`
+      if (this.#tokens.get(key) === cachedEntry) this.#tokens.delete(key)
     }
-    return `Bearer ${(await entry).token}`
+    // shared by every request for these scopes, so not tied to this caller's signal
+    const entry = this.#requestToken(challenge, scopes, creds, AbortSignal.timeout(TOKEN_TIMEOUT))
+    this.#tokens.set(key, entry)
+    entry.catch(() => {
+      if (this.#tokens.get(key) === entry) this.#tokens.delete(key)
+    })
+    return `Bearer ${(await wait(entry)).token}`
   }
 
   #creds(): Promise<Credentials | undefined> {
@@ -164,7 +168,7 @@ export class Authenticator {
     return this.#credentials
   }
 
-  async #requestToken(challenge: Challenge, scopes: string[], creds: Credentials | undefined, signal?: AbortSignal): Promise<CachedToken> {
+  async #requestToken(challenge: Challenge, scopes: string[], creds: Credentials | undefined, signal: AbortSignal): Promise<CachedToken> {
     const realm = challenge.params.realm
     const registry = this.#opts.registry
     const fail = (status: number, msg: string, text = '') =>

@@ -4,7 +4,7 @@ import type { RegistryOptions } from '../types.js'
 import { Authenticator, parseChallenges } from './auth.js'
 import { type CredentialOptions, findCredentials } from './credentials.js'
 import { RegistryError, type RegistryErrorKind, parseErrorBody } from './errors.js'
-import { type RetryPolicy, parseRetryAfter, withRetry } from './retry.js'
+import { type RetryPolicy, parseRetryAfter, untilAborted, withRetry } from './retry.js'
 
 const log = debug('blobcache:registry:client')
 
@@ -34,8 +34,8 @@ export interface RegistryRequest {
   /** Token scopes the request needs, e.g. `repository:foo:pull`. */
   scopes: string[]
   headers?: Record<string, string>
-  /** A replayable body; requests with a body are retried like any other. */
-  body?: Buffer
+  /** A replayable body, whole or in pieces; requests with a body are retried like any other. */
+  body?: Buffer | Buffer[]
   /** Statuses that count as success. Default: any 2xx. */
   ok?: number[]
   kind: RegistryErrorKind
@@ -49,6 +49,8 @@ export interface RegistryRequest {
 }
 
 const MAX_REDIRECTS = 5
+/** Longest a single `/v2/` ping may take, in ms. */
+const PING_TIMEOUT = 30_000
 const ERROR_BODY_LIMIT = 64 << 10
 const agents = new Map<boolean, Agent>()
 let undici: Promise<typeof import('undici')> | undefined
@@ -103,8 +105,12 @@ export class RegistryClient {
       registry,
       credentials: () => findCredentials(registry, undefined, lookup),
       fetchToken: async (url, init) => {
-        const res = await request(url, { ...init, headers: this.#headers(init.headers) }, this.tlsVerify)
-        return { status: res.statusCode, headers: res.headers, text: await readLimited(res.body, 1 << 20) }
+        try {
+          const res = await request(url, { ...init, headers: this.#headers(init.headers) }, this.tlsVerify)
+          return { status: res.statusCode, headers: res.headers, text: await readLimited(res.body, 1 << 20) }
+        } catch (cause) {
+          throw new RegistryError({ status: 0, registry, repository: '', action: `getting a token from ${url.origin}${url.pathname}`, kind: 'token', cause })
+        }
       },
     })
   }
@@ -114,16 +120,22 @@ export class RegistryClient {
     return this.#retry
   }
 
-  /** The base URL (`https://host/`), found by pinging `/v2/` once. */
+  /**
+   * The base URL (`https://host/`), found by pinging `/v2/` once and shared by every request.
+   * The ping is not tied to one caller's signal; an abort only stops waiting for it.
+   */
   base(signal?: AbortSignal): Promise<URL> {
     if (!this.#base) {
-      this.#base = withRetry(() => this.#ping(signal), { ...this.#retry, signal, what: `ping ${this.host}` })
-      this.#base.catch(() => (this.#base = undefined))
+      const ping = withRetry(() => this.#ping(AbortSignal.timeout(PING_TIMEOUT)), { ...this.#retry, what: `ping ${this.host}` })
+      ping.catch(() => {
+        if (this.#base === ping) this.#base = undefined
+      })
+      this.#base = ping
     }
-    return this.#base
+    return signal ? untilAborted(this.#base, signal) : this.#base
   }
 
-  async #ping(signal?: AbortSignal): Promise<URL> {
+  async #ping(signal: AbortSignal): Promise<URL> {
     const schemes = this.tlsVerify ? ['https'] : ['https', 'http']
     let last: unknown
     for (const scheme of schemes) {
@@ -132,7 +144,6 @@ export class RegistryClient {
       try {
         res = await request(url, { method: 'GET', headers: this.#headers(), signal }, this.tlsVerify)
       } catch (err) {
-        if (signal?.aborted) throw signal.reason
         log('ping %s failed: %s', url.href, (err as Error).message)
         last = err
         continue
@@ -164,17 +175,20 @@ export class RegistryClient {
     let url = typeof req.path === 'string' ? new URL(req.path, base) : req.path
     let method = req.method
     let body = req.body
+    let scopes = req.scopes
     let authAttempts = 0
     for (let redirects = 0; ; ) {
       const sameHost = url.host === base.host
       const headers = this.#headers(req.headers)
+      if (Array.isArray(body)) headers['content-length'] = String(body.reduce((n, b) => n + b.length, 0))
       if (sameHost) {
-        const authorization = await this.#auth.authorization(req.scopes, req.signal)
+        const authorization = await this.#auth.authorization(scopes, req.signal)
         if (authorization) headers.authorization = authorization
       }
       let res: Dispatcher.ResponseData
       try {
-        res = await request(url, { method, headers, body, signal: req.signal }, this.tlsVerify)
+        // undici sends an Iterable body as documented (its typings omit it), with our content-length
+        res = await request(url, { method, headers, body: body as Buffer | undefined, signal: req.signal }, this.tlsVerify)
       } catch (err) {
         if (req.signal?.aborted) throw req.signal.reason
         throw new RegistryError({ status: 0, registry: this.registry, repository: req.repository, action: req.action, kind: req.kind, cause: err })
@@ -184,8 +198,11 @@ export class RegistryClient {
         const text = await readLimited(res.body, ERROR_BODY_LIMIT)
         const challenge = this.#auth.setChallenge(res.headers['www-authenticate'])
         if (challenge) {
-          log('401 for %s, renewing credentials', req.action)
-          this.#auth.invalidate(req.scopes)
+          // a Bearer challenge names the scope it wants; ask for it along with ours
+          const wanted = challenge.scheme === 'bearer' ? (challenge.params.scope ?? '').split(' ').filter(Boolean) : []
+          scopes = [...new Set([...scopes, ...wanted])]
+          log('401 for %s, renewing credentials for %s', req.action, scopes.join(' ') || 'no scope')
+          this.#auth.invalidate(scopes)
           continue
         }
         throw this.#error(req, status, res.headers, text)

@@ -39,7 +39,7 @@ export async function openBlob(
   opts: OpenBlobOptions = {},
 ): Promise<{ stream: Readable; size: number }> {
   const path = `/v2/${repository}/blobs/${digest}`
-  const get = (offset: number, end?: number, retry = true) =>
+  const get = (offset: number, end?: number) =>
     client.send({
       method: 'GET',
       path,
@@ -49,12 +49,11 @@ export async function openBlob(
       kind: 'blob',
       action: `fetching blob ${digest}${offset ? ` from byte ${offset}` : ''}`,
       signal: opts.signal,
-      retry,
     })
   if (opts.range) {
     const { offset, length } = opts.range
     const res = await get(offset, length >= 0 ? offset + length - 1 : undefined)
-    if (res.status !== 206 && offset > 0) {
+    if (res.status !== 206 && (offset > 0 || length >= 0)) {
       res.body.destroy()
       throw new ImageError('UNSUPPORTED', `${client.registry}/${repository}: blob ${digest}: the registry ignored a Range request`)
     }
@@ -157,7 +156,7 @@ class ResumableBlob extends Readable {
         const range = /^bytes (\d+)-/.exec(header(res, 'content-range') ?? '')
         if (!range || Number(range[1]) !== this.#offset) {
           res.body.destroy()
-          throw new ImageError('BLOB_UNKNOWN', `blob ${this.#opts.digest}: resumed at the wrong offset (${header(res, 'content-range')})`, { cause })
+          throw new ImageError('REGISTRY_ERROR', `blob ${this.#opts.digest}: resumed at the wrong offset (${header(res, 'content-range')})`, { cause })
         }
         this.#skip = 0
       } else {

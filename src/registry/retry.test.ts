@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
 import { RegistryError } from './errors.js'
-import { isTransient, parseRetryAfter, retryDelay, withRetry } from './retry.js'
+import { isTransient, parseRetryAfter, retryDelay, untilAborted, withRetry } from './retry.js'
 
 const status = (s: number, retryAfter?: number) => new RegistryError({ status: s, registry: 'r', repository: 'a', action: 'x', retryAfter })
 
@@ -62,5 +62,18 @@ describe('retry', () => {
     await expect(withRetry(async () => Promise.reject(status(503)), { baseDelay: 5000, signal: controller.signal })).rejects.toBe(reason)
     expect(Date.now() - started).toBeLessThan(1000)
     await expect(withRetry(async () => 'never', { signal: AbortSignal.abort(reason) })).rejects.toBe(reason)
+  })
+
+  it('stops waiting for a shared promise when the caller aborts, without touching the promise', async () => {
+    let settle!: (v: string) => void
+    const shared = new Promise<string>((r) => (settle = r))
+    const controller = new AbortController()
+    const reason = new Error('caller gave up')
+    const waiting = untilAborted(shared, controller.signal)
+    controller.abort(reason)
+    await expect(waiting).rejects.toBe(reason)
+    settle('done')
+    await expect(untilAborted(shared, new AbortController().signal)).resolves.toBe('done')
+    await expect(untilAborted(shared, AbortSignal.abort(reason))).rejects.toBe(reason)
   })
 })

@@ -34,7 +34,7 @@ describe('docker: references', () => {
     ['/alpine', 'must start with //'],
     ['//', ''],
     ['//Alpine', ''],
-    ['//reg.example/app:v1@' + digestOf('x'), 'tag and a digest'],
+    ['//reg.example/app:v1@' + digestOf('x'), 'both a tag and a digest'],
     ['//reg.example/app@sha256:abc', ''],
     ['//reg.example/app:bad tag', ''],
   ])('refuses %s with REFERENCE_INVALID', (input, why) => {

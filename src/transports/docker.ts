@@ -36,19 +36,22 @@ export function parseDockerReference(s: string): DockerReference {
   if (!s.startsWith('//')) {
     throw new ImageError('REFERENCE_INVALID', `invalid docker reference ${JSON.stringify(s)}: it must start with //`)
   }
-  const named = withDefaultTag(parseNormalizedNamed(s.slice(2)))
-  if (named.tag !== undefined && named.digest !== undefined) {
-    throw new ImageError('REFERENCE_INVALID', `invalid docker reference ${JSON.stringify(s)}: a tag and a digest together are not supported`)
-  }
-  return new DockerReference(named)
+  return new DockerReference(withDefaultTag(parseNormalizedNamed(s.slice(2))))
 }
 
-/** An image in a registry, named by a normalised reference with a tag or a digest. */
+/**
+ * An image in a registry, named by a normalised reference with a tag or a digest (not both, as
+ * in containers/image). Signatures are neither read nor written: sigstore attachments and
+ * lookaside storage are out of scope, so a copy that must keep signatures refuses this
+ * destination unless told to remove them.
+ */
 export class DockerReference implements ImageReference {
   readonly transport = docker
+  /** Throws `REFERENCE_INVALID` for a name with neither or both of tag and digest. */
   constructor(readonly named: NamedReference) {
-    if (named.tag === undefined && named.digest === undefined) {
-      throw new ImageError('REFERENCE_INVALID', `docker reference ${named.toString()} needs a tag or a digest`)
+    if ((named.tag === undefined) === (named.digest === undefined)) {
+      const why = named.tag === undefined ? 'needs a tag or a digest' : 'has both a tag and a digest, which is not supported'
+      throw new ImageError('REFERENCE_INVALID', `invalid docker reference //${named.toString()}: it ${why}`)
     }
   }
 

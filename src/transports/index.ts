@@ -3,15 +3,13 @@
 import { ImageError, isImageError } from '../errors.js'
 import type { ImageReference, ImageTransport } from '../types.js'
 import { dir } from './dir.js'
+import { docker } from './docker.js'
 import { dockerArchive } from './docker-archive.js'
 import { ociArchive } from './oci-archive.js'
 import { ociLayout } from './oci-layout.js'
 
-/**
- * Every transport, by scheme. The registry client's `docker` transport (`docker://host/repo:tag`)
- * is added here, and only here, when src/transports/docker.ts exists.
- */
-export const transports: readonly ImageTransport[] = [dir, ociLayout, ociArchive, dockerArchive /* , docker */]
+/** Every transport, by scheme. */
+export const transports: readonly ImageTransport[] = [dir, ociLayout, ociArchive, dockerArchive, docker]
 
 /** The transport called `name`, or undefined. */
 export function transportByName(name: string): ImageTransport | undefined {

@@ -3,7 +3,8 @@
 // (see token-server.ts), and stops it by its process id.
 import { type ChildProcess, execFile, spawn } from 'node:child_process'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
-import { get } from 'node:http'
+import { type IncomingMessage, get } from 'node:http'
+import { get as httpsGet } from 'node:https'
 import { type AddressInfo, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -23,6 +24,8 @@ export interface TestRegistryOptions {
   users?: Record<string, string>
   /** Further token-server options (auth `token` only). */
   token?: Omit<TokenServerOptions, 'dir' | 'users'>
+  /** Serve HTTPS with a fresh self-signed certificate for 127.0.0.1 (`certPath`). Default false. */
+  tls?: boolean
 }
 
 /** A running registry. */
@@ -35,6 +38,8 @@ export interface TestRegistry {
   users: Record<string, string>
   /** The token server, with auth `token`. */
   tokenServer?: TokenServer
+  /** The self-signed certificate, with `tls`. */
+  certPath?: string
   pid: number
   /** Stops the registry (and token server) and removes its storage. */
   stop(): Promise<void>
@@ -52,13 +57,14 @@ export function freePort(): Promise<number> {
   })
 }
 
-/** GET `url`, resolving its status (0 when the connection fails). */
+/** GET `url`, resolving its status (0 when the connection fails); https without verifying. */
 export function httpStatus(url: string): Promise<number> {
   return new Promise((resolve) => {
-    const req = get(url, (res) => {
+    const onResponse = (res: IncomingMessage) => {
       res.resume()
       resolve(res.statusCode ?? 0)
-    })
+    }
+    const req = url.startsWith('https:') ? httpsGet(url, { rejectUnauthorized: false }, onResponse) : get(url, onResponse)
     req.on('error', () => resolve(0))
     req.setTimeout(2000, () => req.destroy())
   })
@@ -86,12 +92,23 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
         `auth:\n  token:\n    realm: ${tokenServer.realm}\n    service: ${tokenServer.service}\n` +
         `    issuer: ${tokenServer.issuer}\n    rootcertbundle: ${tokenServer.certPath}\n`
     }
+    let tls = ''
+    let certPath: string | undefined
+    if (opts.tls) {
+      certPath = join(dir, 'tls.crt')
+      await exec('openssl', [
+        'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', join(dir, 'tls.key'),
+        '-out', certPath, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
+      ])
+      tls = `  tls:\n    certificate: ${certPath}\n    key: ${join(dir, 'tls.key')}\n`
+    }
     for (let attempt = 0; ; attempt++) {
       const port = await freePort()
       const config =
         `version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n` +
         `storage:\n  filesystem:\n    rootdirectory: ${join(dir, 'storage')}\n  delete:\n    enabled: true\n` +
         `http:\n  addr: 127.0.0.1:${port}\n  secret: blobcache-test-secret\n` +
+        tls +
         auth
       await writeFile(join(dir, 'config.yml'), config)
       const proc = spawn('docker-registry', ['serve', join(dir, 'config.yml')], { stdio: ['ignore', 'ignore', 'pipe'] })
@@ -99,7 +116,7 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
       let stderr = ''
       proc.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)))
       const exited = new Promise<number>((resolve) => proc.once('exit', (code) => resolve(code ?? -1)))
-      const url = `http://127.0.0.1:${port}/v2/`
+      const url = `${opts.tls ? 'https' : 'http'}://127.0.0.1:${port}/v2/`
       const deadline = Date.now() + 15_000
       let status = 0
       while (Date.now() < deadline && proc.exitCode === null) {
@@ -115,6 +132,7 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
           dir,
           users,
           tokenServer,
+          certPath,
           pid,
           stop: async () => {
             if (proc.exitCode === null) {

@@ -5,43 +5,12 @@ import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { describe, expect, it, onTestFinished } from 'vitest'
 import { goTime } from '../../src/cli/commands/inspect.js'
-import { type CliIO, main } from '../../src/cli/main.js'
 import { digestHex, digestOf } from '../../src/digest.js'
 import { type SampleImage, writeSampleImage } from '../../src/sample-image.js'
 import { parseImageName } from '../../src/transports/index.js'
+import { cli } from '../helpers/cli.js'
 import { peer } from '../helpers/peers.js'
 import { skopeoInspect } from '../helpers/skopeo.js'
-
-/** A Writable that keeps what was written. */
-class Capture extends Writable {
-  chunks: Buffer[] = []
-  isTTY = false
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.chunks.push(Buffer.from(chunk))
-    cb()
-  }
-  get bytes(): Buffer {
-    return Buffer.concat(this.chunks)
-  }
-  get text(): string {
-    return this.bytes.toString('utf8')
-  }
-}
-
-interface Run {
-  code: number
-  stdout: string
-  stderr: string
-  out: Capture
-}
-
-async function cli(argv: string[], opts: { isTTY?: boolean } = {}): Promise<Run> {
-  const out = new Capture()
-  const err = new Capture()
-  const io: CliIO = { stdout: out, stderr: err, isTTY: opts.isTTY ?? false, env: {} }
-  const code = await main(argv, io)
-  return { code, stdout: out.text, stderr: err.text, out }
-}
 
 async function tempDir(): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'blobcache-cli-'))

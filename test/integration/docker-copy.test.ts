@@ -1,10 +1,11 @@
 // copyImage to and from docker:// against the real registry: single and multi-arch images both
 // ways, existing blobs skipped, blobs mounted across repositories, and skopeo interop (what we
 // push skopeo reads with the same manifest digest, and the reverse).
-import { mkdtemp, readFile, rm } from 'node:fs/promises'
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest'
+import { BlobCache } from '../../src/blobcache/index.js'
 import { copyImage } from '../../src/copy.js'
 import { digestOf } from '../../src/digest.js'
 import { clearBlobLocations } from '../../src/registry/locations.js'
@@ -100,6 +101,22 @@ describe.skipIf(!registryBin)('copyImage with docker://', () => {
     expect(moved.reused).toBe(3)
     expect(proxy.requests.filter((r) => /\?mount=sha256/.test(r.path)).map((r) => r.status)).toEqual([201, 201, 201])
     expect(count('GET', /\/blobs\/sha256:/) + count('PATCH', /./) + count('PUT', /\/blobs\//)).toBe(0)
+  })
+
+  it('works inside a BlobCache: pushed blobs are teed into the cache, and a pull then reads none from the registry', async () => {
+    const dir = await layoutDir()
+    const image = await writeRandomImage(new OciLayoutReference(join(dir, 'src'), 'v1'), { layers: 2, seed: 6 })
+    const cacheDir = join(dir, 'cache')
+    await mkdir(cacheDir)
+    const pushed = await copyImage(new OciLayoutReference(join(dir, 'src'), 'v1'), new BlobCache(registryRef(proxy.host, 'copy/cached:v1'), cacheDir))
+    expect(pushed.digest).toBe(image.manifestDigest)
+    await checkImage(await registryRef(registry.host, 'copy/cached:v1').newImageSource(), image)
+    proxy.clear()
+    const pulled = await copyImage(new BlobCache(registryRef(proxy.host, 'copy/cached:v1'), cacheDir), new OciLayoutReference(join(dir, 'dst'), 'v1'))
+    expect(pulled.digest).toBe(image.manifestDigest)
+    expect(count('GET', /\/blobs\/sha256:/)).toBe(0)
+    expect(count('GET', /\/manifests\//)).toBeGreaterThanOrEqual(1)
+    await checkImage(await new OciLayoutReference(join(dir, 'dst'), 'v1').newImageSource(), image)
   })
 
   describe.skipIf(!skopeo)('skopeo interop', () => {

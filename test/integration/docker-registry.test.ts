@@ -5,7 +5,7 @@ import { readdir } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Readable } from 'node:stream'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { digestOf } from '../../src/digest.js'
+import { digestOf, verifyDigest } from '../../src/digest.js'
 import { MediaType } from '../../src/media-types.js'
 import { RegistryClient } from '../../src/registry/client.js'
 import { clearBlobLocations } from '../../src/registry/locations.js'
@@ -73,6 +73,20 @@ describe.skipIf(!registryBin)('docker:// against docker-registry (no auth)', () 
     const src = await ref('proto/chunks:any').newImageSource(ctx)
     const blob = await src.getBlob({ digest: digestOf(big), size: big.length })
     expect((await readAll(blob.stream)).equals(big)).toBe(true)
+  })
+
+  it('takes the digest from a hashing stream instead of hashing again, and stops a mismatch before the PUT', async () => {
+    const client = new RegistryClient(proxy.host, { tlsVerify: false })
+    const bytes = Buffer.alloc(150_000, 'h')
+    const hashing = verifyDigest()
+    const stored = await uploadBlob(client, 'proto/hashing', Readable.from([bytes]).pipe(hashing), { size: -1 }, { chunkSize: 64 << 10 })
+    expect(stored).toEqual({ digest: digestOf(bytes), size: bytes.length })
+    proxy.clear()
+    const claimed = digestOf('something else')
+    const put = uploadBlob(client, 'proto/hashing', Readable.from([bytes]).pipe(verifyDigest()), { digest: claimed, size: -1 }, { chunkSize: 64 << 10 })
+    await expect(put).rejects.toMatchObject({ code: 'DIGEST_INVALID', expected: claimed, actual: digestOf(bytes) })
+    expect(requests('PUT', /./)).toEqual([])
+    expect(requests('DELETE', /\/blobs\/uploads\//).map((r) => r.status)).toEqual([204])
   })
 
   it('pushes and pulls a multi-arch index; instances by digest, the index by tag at commit', async () => {
@@ -148,6 +162,18 @@ describe.skipIf(!registryBin)('docker:// against docker-registry (no auth)', () 
     const err = await src.getManifest().then(() => new Error('expected a failure'), (e: Error) => e)
     expect(err.message).toContain(`${proxy.host}/proto/delete`)
     expect(err.message).toContain('HTTP 404')
+  })
+
+  it('reads byte ranges of a blob (getBlobAt)', async () => {
+    const bytes = Buffer.from(Array.from({ length: 100_000 }, (_, i) => i % 251))
+    const client = new RegistryClient(registry.host, { tlsVerify: false })
+    await uploadBlob(client, 'proto/ranges', Readable.from([bytes]), { size: bytes.length })
+    const src = await at('proto/ranges:x').newImageSource()
+    const parts: Buffer[] = []
+    for await (const part of src.getBlobAt!({ digest: digestOf(bytes), size: bytes.length }, [{ offset: 10, length: 5 }, { offset: 99_990, length: -1 }])) {
+      parts.push(await readAll(part))
+    }
+    expect(parts).toEqual([bytes.subarray(10, 15), bytes.subarray(99_990)])
   })
 
   it('aborts a blob download at once with the signal reason', async () => {

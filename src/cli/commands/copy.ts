@@ -7,6 +7,7 @@ import { parseImageName } from '../../transports/index.js'
 import type { CompressionAlgorithm, ImageReference, LayerCompression, SystemContext } from '../../types.js'
 import { type RunContext, attempt, parseCount, printJSON } from '../io.js'
 import { createProgress } from '../progress.js'
+import { addRegistryFlags, registryOptions } from '../registry-flags.js'
 
 /** The parsed flags of `blobcache copy`. */
 interface CopyFlags {
@@ -24,6 +25,7 @@ interface CopyFlags {
   blobCache?: string
   cacheCompression?: LayerCompression
   cacheCompressFormat?: CompressionAlgorithm
+  authfile?: string
 }
 
 /** What `copy --json` prints. */
@@ -45,7 +47,7 @@ function platformArg(value: string): Platform {
 
 /** Adds `blobcache copy [flags] SRC DEST` to the program. */
 export function addCopyCommand(program: Command, ctx: RunContext): void {
-  program
+  const cmd = program
     .command('copy')
     .description('copy an image (or image list) from SRC to DEST, e.g. oci:/src:latest dir:/dest')
     .argument('<src>', 'source image name, transport:reference')
@@ -64,7 +66,10 @@ export function addCopyCommand(program: Command, ctx: RunContext): void {
     .option('--blob-cache <dir>', 'keep every blob in this cache directory and read blobs from it (created if missing)')
     .addOption(new Option('--cache-compression <mode>', 'what the cache substitutes for layers it holds (default: preserve)').choices(['preserve', 'compress', 'decompress']))
     .addOption(new Option('--cache-compress-format <alg>', 'algorithm of compressed variants the cache offers (default: gzip)').choices(['gzip', 'zstd']))
-    .action(async (srcName: string, destName: string, flags: CopyFlags, cmd: Command) => {
+    .option('--authfile <file>', 'auth file for both registries')
+  addRegistryFlags(cmd, 'src-', 'source')
+  addRegistryFlags(cmd, 'dest-', 'destination')
+  cmd.action(async (srcName: string, destName: string, flags: CopyFlags, cmd: Command) => {
       if (!flags.blobCache && (flags.cacheCompression || flags.cacheCompressFormat)) {
         cmd.error('error: --cache-compression and --cache-compress-format need --blob-cache', { exitCode: 2, code: 'blobcache.usage' })
       }
@@ -86,7 +91,10 @@ async function runCopy(ctx: RunContext, srcName: string, destName: string, flags
     caches.push(src as BlobCache, dest as BlobCache)
   }
 
-  const systemContext: SystemContext = { signal, ...(io.env.TMPDIR ? { tmpDir: io.env.TMPDIR } : {}) }
+  const base: SystemContext = { signal, ...(io.env.TMPDIR ? { tmpDir: io.env.TMPDIR } : {}) }
+  const all = flags as unknown as Record<string, unknown>
+  const sourceRegistry = registryOptions(all, 'src', flags.authfile)
+  const destRegistry = registryOptions(all, 'dest', flags.authfile)
   const progress = createProgress(io, flags.quiet || flags.json ? 'quiet' : io.isTTY ? 'bars' : 'lines')
   const options: CopyOptions = {
     signal,
@@ -99,8 +107,8 @@ async function runCopy(ctx: RunContext, srcName: string, destName: string, flags
     preserveDigests: flags.preserveDigests,
     removeSignatures: flags.removeSignatures,
     onProgress: (e) => progress.onProgress(e),
-    sourceCtx: systemContext,
-    destCtx: systemContext,
+    sourceCtx: sourceRegistry ? { ...base, registry: sourceRegistry } : base,
+    destCtx: destRegistry ? { ...base, registry: destRegistry } : base,
   }
   let ok = false
   let result

@@ -4,6 +4,7 @@ import { type SourceManifest, readConfig, readManifest } from '../../image.js'
 import { type ImageManifest, type Platform, choosePlatform, parsePlatform } from '../../manifest.js'
 import { parseImageName } from '../../transports/index.js'
 import type { CallOptions, ImageSource } from '../../types.js'
+import { addRegistryFlags, registryOptions } from '../registry-flags.js'
 import { type RunContext, attempt, printJSON } from '../io.js'
 
 interface InspectFlags {
@@ -51,14 +52,15 @@ function platformArg(value: string): Platform {
 
 /** Adds `blobcache inspect [--raw] [--config] IMAGE` to the program. */
 export function addInspectCommand(program: Command, ctx: RunContext): void {
-  program
+  const cmd = program
     .command('inspect')
     .description('show an image: skopeo-style summary, its manifest (--raw) or its config (--config)')
     .argument('<image>', 'image name, transport:reference')
     .option('--raw', 'print the top-level manifest (with --config: the config blob) exactly as stored')
     .option('--config', 'print the image config (for a list: of the image chosen for the platform)')
     .addOption(new Option('--platform <os/arch[/variant]>', 'choose this platform from a list (default: this machine)').argParser(platformArg))
-    .action(async (name: string, flags: InspectFlags) => {
+  addRegistryFlags(cmd, '', 'image')
+  cmd.action(async (name: string, flags: InspectFlags) => {
       await attempt(ctx, `inspecting ${name}`, () => runInspect(ctx, name, flags))
     })
 }
@@ -66,7 +68,8 @@ export function addInspectCommand(program: Command, ctx: RunContext): void {
 async function runInspect(ctx: RunContext, name: string, flags: InspectFlags): Promise<void> {
   const { io, signal } = ctx
   const ref = parseImageName(name)
-  const src = await ref.newImageSource({ signal, ...(io.env.TMPDIR ? { tmpDir: io.env.TMPDIR } : {}) })
+  const registry = registryOptions(flags as unknown as Record<string, unknown>, '')
+  const src = await ref.newImageSource({ signal, ...(io.env.TMPDIR ? { tmpDir: io.env.TMPDIR } : {}), ...(registry ? { registry } : {}) })
   try {
     if (flags.raw && !flags.config) {
       const { bytes } = await src.getManifest(undefined, { signal })

@@ -1,0 +1,49 @@
+// Registry flags shared by the commands that reach a registry, with skopeo's names:
+// --src-/--dest- prefixed for copy, unprefixed for inspect.
+import { type Command, InvalidArgumentError, Option } from 'commander'
+import type { RegistryOptions } from '../types.js'
+
+/** The parsed registry flags of one side (or of `inspect`). */
+export interface RegistryFlags {
+  tlsVerify?: boolean
+  creds?: string
+  authfile?: string
+}
+
+function booleanArg(value: string | undefined): boolean {
+  if (value === undefined || value === 'true') return true
+  if (value === 'false') return false
+  throw new InvalidArgumentError('expected true or false')
+}
+
+function credsArg(value: string): string {
+  if (!value.includes(':') || value.startsWith(':')) throw new InvalidArgumentError('expected USER:PASSWORD')
+  return value
+}
+
+/**
+ * Adds `--{prefix}tls-verify[=bool]`, `--{prefix}creds USER:PASS` and `--{prefix}authfile FILE`
+ * to a command (prefix `src-`, `dest-` or nothing).
+ */
+export function addRegistryFlags(cmd: Command, prefix: '' | 'src-' | 'dest-', side: string): Command {
+  return cmd
+    .addOption(new Option(`--${prefix}tls-verify [bool]`, `verify TLS of the ${side} registry; false also allows plain HTTP (default true)`).argParser(booleanArg))
+    .addOption(new Option(`--${prefix}creds <user:password>`, `credentials for the ${side} registry`).argParser(credsArg))
+    .addOption(new Option(`--${prefix}authfile <file>`, `auth file for the ${side} registry (default: REGISTRY_AUTH_FILE, containers and docker config)`))
+}
+
+/** The registry options of one side, from the flags commander parsed (camel-cased by prefix). */
+export function registryOptions(flags: Record<string, unknown>, prefix: '' | 'src' | 'dest', authfile?: string): RegistryOptions | undefined {
+  const key = (name: string) => (prefix ? prefix + name[0].toUpperCase() + name.slice(1) : name)
+  const out: RegistryOptions = {}
+  const tls = flags[key('tlsVerify')]
+  if (typeof tls === 'boolean') out.tlsVerify = tls
+  const creds = flags[key('creds')]
+  if (typeof creds === 'string') {
+    const at = creds.indexOf(':')
+    out.credentials = { username: creds.slice(0, at), password: creds.slice(at + 1) }
+  }
+  const file = flags[key('authfile')] ?? authfile
+  if (typeof file === 'string') out.authFile = file
+  return Object.keys(out).length > 0 ? out : undefined
+}

@@ -1,0 +1,83 @@
+// The CLI against the real registry: docker:// names, skopeo's registry flags (creds, authfile,
+// tls-verify) on copy and inspect, and a push/pull round trip that keeps the manifest digest.
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest'
+import { digestOf } from '../../src/digest.js'
+import { writeSampleImage } from '../../src/sample-image.js'
+import { parseImageName } from '../../src/transports/index.js'
+import { cli } from '../helpers/cli.js'
+import { peer } from '../helpers/peers.js'
+import { type TestRegistry, startRegistry } from '../helpers/registry.js'
+
+const registryBin = peer('docker-registry')
+peer('htpasswd')
+
+async function tempDir(): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'blobcache-cli-registry-'))
+  onTestFinished(() => rm(dir, { recursive: true, force: true }))
+  return dir
+}
+
+describe.skipIf(!registryBin)('blobcache CLI with docker://', () => {
+  let registry: TestRegistry
+  beforeAll(async () => {
+    registry = await startRegistry({ auth: 'htpasswd', users: { alice: 'wonderland' } })
+  })
+  afterAll(async () => {
+    await registry?.stop()
+  })
+
+  it('pushes with --dest-creds, inspects and pulls back with the same manifest digest', async () => {
+    const dir = await tempDir()
+    const sample = await writeSampleImage(parseImageName(`oci:${dir}/src:latest`))
+    const remote = `docker://${registry.host}/cli/sample:v1`
+
+    const push = await cli(['copy', '-q', '--json', '--dest-tls-verify=false', '--dest-creds', 'alice:wonderland', `oci:${dir}/src:latest`, remote])
+    expect(push.stderr).toBe('')
+    expect(push.code).toBe(0)
+    expect(JSON.parse(push.stdout).manifestDigest).toBe(sample.digest)
+
+    const raw = await cli(['inspect', '--raw', '--tls-verify=false', '--creds', 'alice:wonderland', remote])
+    expect(raw.code).toBe(0)
+    expect(digestOf(raw.out.bytes)).toBe(sample.digest)
+
+    const pull = await cli(['copy', '-q', '--src-tls-verify=false', '--src-creds', 'alice:wonderland', remote, `oci:${dir}/back:v1`])
+    expect(pull.code).toBe(0)
+    const back = await cli(['inspect', '--raw', `oci:${dir}/back:v1`])
+    expect(digestOf(back.out.bytes)).toBe(sample.digest)
+  })
+
+  it('reads credentials from --authfile', async () => {
+    const dir = await tempDir()
+    await writeSampleImage(parseImageName(`oci:${dir}/src:latest`))
+    const authfile = join(dir, 'auth.json')
+    const auth = Buffer.from('alice:wonderland').toString('base64')
+    await writeFile(authfile, JSON.stringify({ auths: { [registry.host]: { auth } } }))
+    const push = await cli(['copy', '-q', '--dest-tls-verify=false', '--authfile', authfile, `oci:${dir}/src:latest`, `docker://${registry.host}/cli/authfile:v1`])
+    expect(push.stderr).toBe('')
+    expect(push.code).toBe(0)
+  })
+
+  it('fails with exit 1 and one line naming the image when credentials are wrong', async () => {
+    const dir = await tempDir()
+    await writeSampleImage(parseImageName(`oci:${dir}/src:latest`))
+    const remote = `docker://${registry.host}/cli/denied:v1`
+    const run = await cli(['copy', '-q', '--dest-tls-verify=false', '--dest-creds', 'alice:wrong', `oci:${dir}/src:latest`, remote])
+    expect(run.code).toBe(1)
+    const lines = run.stderr.trim().split('\n')
+    expect(lines).toHaveLength(1)
+    expect(lines[0]).toContain(remote)
+  })
+
+  it('refuses a plain-HTTP registry unless TLS verification is turned off', async () => {
+    const run = await cli(['inspect', '--creds', 'alice:wonderland', `docker://${registry.host}/cli/sample:v1`])
+    expect(run.code).toBe(1)
+  })
+
+  it('rejects malformed registry flags as usage errors', async () => {
+    expect((await cli(['copy', '--src-tls-verify=maybe', 'oci:/a', 'oci:/b'])).code).toBe(2)
+    expect((await cli(['copy', '--dest-creds', 'nocolon', 'oci:/a', 'oci:/b'])).code).toBe(2)
+  })
+})
