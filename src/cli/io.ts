@@ -1,5 +1,6 @@
 import type { Writable } from 'node:stream'
 import { InvalidArgumentError } from 'commander'
+import { type Platform, parsePlatform } from '../manifest.js'
 
 /**
  * Where the CLI talks to: its two output streams, whether stdout is a terminal (progress bars
@@ -115,4 +116,13 @@ export function parseDuration(s: string): number {
 export function parseCount(s: string): number {
   if (!/^\d+$/.test(s.trim())) throw new InvalidArgumentError(`expected a whole number, got ${JSON.stringify(s)}`)
   return Number(s.trim())
+}
+
+/** Parses `--platform os/arch[/variant]` for commander; a bad value is a usage error. */
+export function platformArg(value: string): Platform {
+  try {
+    return parsePlatform(value)
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message)
+  }
 }

@@ -1,11 +1,11 @@
 import { mkdir } from 'node:fs/promises'
-import { type Command, InvalidArgumentError, Option } from 'commander'
+import { type Command, Option } from 'commander'
 import { BlobCache } from '../../blobcache/index.js'
 import { type CopyOptions, copyImage } from '../../copy.js'
-import { type Platform, parsePlatform } from '../../manifest.js'
+import type { Platform } from '../../manifest.js'
 import { parseImageName } from '../../transports/index.js'
 import type { CompressionAlgorithm, ImageReference, LayerCompression, SystemContext } from '../../types.js'
-import { type RunContext, attempt, parseCount, printJSON } from '../io.js'
+import { type RunContext, attempt, platformArg, parseCount, printJSON } from '../io.js'
 import { createProgress } from '../progress.js'
 import { addRegistryFlags, registryOptions } from '../registry-flags.js'
 
@@ -35,14 +35,6 @@ export interface CopySummary {
   blobs: { copied: number; reused: number }
   bytes: number
   cache?: { hits: number; misses: number; errors: number }
-}
-
-function platformArg(value: string): Platform {
-  try {
-    return parsePlatform(value)
-  } catch (err) {
-    throw new InvalidArgumentError((err as Error).message)
-  }
 }
 
 /** Adds `blobcache copy [flags] SRC DEST` to the program. */

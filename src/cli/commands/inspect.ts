@@ -1,11 +1,11 @@
-import { type Command, InvalidArgumentError, Option } from 'commander'
+import { type Command, Option } from 'commander'
 import { ImageError } from '../../errors.js'
 import { type SourceManifest, readConfig, readManifest } from '../../image.js'
-import { type ImageManifest, type Platform, choosePlatform, parsePlatform } from '../../manifest.js'
+import { type ImageManifest, type Platform, choosePlatform } from '../../manifest.js'
 import { parseImageName } from '../../transports/index.js'
 import type { CallOptions, ImageSource } from '../../types.js'
 import { addRegistryFlags, registryOptions } from '../registry-flags.js'
-import { type RunContext, attempt, printJSON } from '../io.js'
+import { type RunContext, attempt, platformArg, printJSON } from '../io.js'
 
 interface InspectFlags {
   raw?: boolean
@@ -40,14 +40,6 @@ export interface InspectOutput {
   Layers: string[]
   LayersData: { MIMEType: string; Digest: string; Size: number; Annotations: Record<string, string> | null }[]
   Env: string[] | null
-}
-
-function platformArg(value: string): Platform {
-  try {
-    return parsePlatform(value)
-  } catch (err) {
-    throw new InvalidArgumentError((err as Error).message)
-  }
 }
 
 /** Adds `blobcache inspect [--raw] [--config] IMAGE` to the program. */
