@@ -70,7 +70,7 @@ export class OciArchiveReference implements ImageReference {
     if (existing && !existing.isFile()) throw new ImageError('UNSUPPORTED', `oci-archive:${this.file}: not a regular file`)
     const staging = await mkdtemp(join(ctx.tmpDir ?? tmpdir(), 'blobcache-oci-archive-'))
     try {
-      const inner = await new OciLayoutReference(staging, this.image).newImageDestination(ctx)
+      const inner = await new OciLayoutReference(staging, this.image, { durable: false }).newImageDestination(ctx)
       return new OciArchiveDestination(this, staging, inner)
     } catch (err) {
       await rm(staging, { recursive: true, force: true })

@@ -74,8 +74,12 @@ export class OciLayoutReference implements ImageReference {
   /** The absolute directory used for all I/O. */
   readonly resolvedDir: string
 
-  /** `image` is the ref.name annotation, '' for none. Throws `REFERENCE_INVALID`. */
-  constructor(readonly dir: string, readonly image = '') {
+  /**
+   * `image` is the ref.name annotation, '' for none. Throws `REFERENCE_INVALID`. With
+   * `durable: false` blobs are not synced to disk before they are named: for a staging layout
+   * that is packed into an archive (which is synced) and then thrown away. Default true.
+   */
+  constructor(readonly dir: string, readonly image = '', readonly options: { durable?: boolean } = {}) {
     if (dir === '' || dir.includes(':')) throw new ImageError('REFERENCE_INVALID', `invalid oci layout path ${JSON.stringify(dir)}`)
     validateOciImageName(image)
     this.resolvedDir = resolve(dir)
@@ -356,14 +360,18 @@ class OciLayoutDestination implements ImageDestination {
   async putBlob(stream: Readable, info: BlobInfo, opts?: PutBlobOptions): Promise<BlobInfo> {
     const expected = info.digest === undefined ? undefined : parseDigest(info.digest)
     const dir = await this.#blobDir(expected)
-    const stored = await writeBlob(stream, dir, (d) => this.reference.blobPath(d), { expected, size: info.size, signal: opts?.signal })
+    const stored = await writeBlob(stream, dir, (d) => this.reference.blobPath(d), {
+      expected, size: info.size, signal: opts?.signal, durable: this.reference.options.durable,
+    })
     return this.#stored(info, stored)
   }
 
   async putBlobFromFile(path: string, info: BlobInfo, opts?: PutBlobOptions): Promise<BlobInfo> {
     const expected = info.digest === undefined ? undefined : parseDigest(info.digest)
     const dir = await this.#blobDir(expected)
-    const stored = await copyBlob(path, dir, (d) => this.reference.blobPath(d), { expected, size: info.size, signal: opts?.signal })
+    const stored = await copyBlob(path, dir, (d) => this.reference.blobPath(d), {
+      expected, size: info.size, signal: opts?.signal, durable: this.reference.options.durable,
+    })
     return this.#stored(info, stored)
   }
 
@@ -403,7 +411,7 @@ class OciLayoutDestination implements ImageDestination {
     const digest = instanceDigest === undefined ? digestOf(bytes) : parseDigest(instanceDigest)
     const dir = await this.#blobDir(digest)
     const stored = await writeBlob(Readable.from([bytes]), dir, (d) => this.reference.blobPath(d), {
-      expected: digest, size: bytes.length, signal: opts?.signal,
+      expected: digest, size: bytes.length, signal: opts?.signal, durable: this.reference.options.durable,
     })
     this.#stored({ size: bytes.length }, stored)
     if (instanceDigest !== undefined) return
