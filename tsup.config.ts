@@ -9,6 +9,7 @@ export default defineConfig([
     clean: true,
     target: 'node20',
     splitting: false,
+    shims: true,
   },
   {
     entry: { cli: 'src/cli/main.ts', demo: 'src/demo.ts' },
@@ -16,6 +17,7 @@ export default defineConfig([
     sourcemap: true,
     target: 'node20',
     splitting: false,
+    shims: true,
     banner: { js: '#!/usr/bin/env node' },
   },
 ])

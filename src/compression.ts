@@ -4,8 +4,9 @@ import { delimiter, join } from 'node:path'
 import { Readable, Transform, type TransformCallback, type Writable, finished } from 'node:stream'
 import zlib from 'node:zlib'
 import debug from 'debug'
-import { CompressStream, DecompressStream } from 'zstd-napi'
+import type * as Zstd from 'zstd-napi'
 import { ImageError } from './errors.js'
+import { requireLazily } from './lazy-require.js'
 import type { CompressionAlgorithm, DetectedAlgorithm } from './types.js'
 
 const log = debug('blobcache:compression')
@@ -107,7 +108,7 @@ export function compressStream(alg: CompressionAlgorithm, opts: CompressOptions 
       return new GzipStream({ level: level ?? zlib.constants.Z_DEFAULT_COMPRESSION, chunkSize: CHUNK })
     case 'zstd':
       if (level !== undefined && (level < -(1 << 17) || level > 22)) throw unsupportedLevel(alg, level)
-      return new ZstdCompressStream({ compressionLevel: level ?? 3, checksumFlag: true })
+      return new (zstdStreams().Compress)({ compressionLevel: level ?? 3, checksumFlag: true })
     default:
       throw new ImageError('UNSUPPORTED', `cannot compress with ${JSON.stringify(alg)}`)
   }
@@ -124,7 +125,7 @@ export function decompressStream(alg: DetectedAlgorithm): Transform {
     case 'gzip':
       return new GunzipStream({ chunkSize: CHUNK })
     case 'zstd':
-      return new ZstdDecompressStream()
+      return new (zstdStreams().Decompress)()
     case 'bzip2':
     case 'xz': {
       const binary = findExecutable(alg)
@@ -162,20 +163,27 @@ class GunzipStream extends zlib.Gunzip {
   }
 }
 
-class ZstdCompressStream extends CompressStream {
-  override _transform(chunk: unknown, enc: string, done: TransformCallback): void {
-    super._transform(chunk, enc, (err, data) => done(err ? corrupt('zstd', err) : null, data))
-  }
-}
+let zstd: { Compress: typeof Zstd.CompressStream; Decompress: typeof Zstd.DecompressStream } | undefined
 
-class ZstdDecompressStream extends DecompressStream {
-  override _transform(chunk: unknown, enc: string, done: TransformCallback): void {
-    super._transform(chunk, enc, (err, data) => done(err ? corrupt('zstd', err) : null, data))
+/** zstd-napi's streams with our error mapping; the native module is loaded on first use. */
+function zstdStreams(): NonNullable<typeof zstd> {
+  if (zstd) return zstd
+  const { CompressStream, DecompressStream } = requireLazily('zstd-napi') as typeof Zstd
+  class Compress extends CompressStream {
+    override _transform(chunk: unknown, enc: string, done: TransformCallback): void {
+      super._transform(chunk, enc, (err, data) => done(err ? corrupt('zstd', err) : null, data))
+    }
   }
+  class Decompress extends DecompressStream {
+    override _transform(chunk: unknown, enc: string, done: TransformCallback): void {
+      super._transform(chunk, enc, (err, data) => done(err ? corrupt('zstd', err) : null, data))
+    }
 
-  override _flush(done: TransformCallback): void {
-    super._flush((err, data) => done(err ? corrupt('zstd', err) : null, data))
+    override _flush(done: TransformCallback): void {
+      super._flush((err, data) => done(err ? corrupt('zstd', err) : null, data))
+    }
   }
+  return (zstd = { Compress, Decompress })
 }
 
 const executables = new Map<string, string | undefined>()

@@ -6,6 +6,7 @@ import { Command, CommanderError } from 'commander'
 import pkg from '../../package.json' with { type: 'json' }
 import { addCacheCommand } from './commands/cache.js'
 import { addCopyCommand } from './commands/copy.js'
+import { addImageCacheCommand } from './commands/image-cache.js'
 import { addInspectCommand } from './commands/inspect.js'
 import { type CliIO, type RunContext, describeError, processIO } from './io.js'
 
@@ -35,6 +36,7 @@ export function createProgram(ctx: RunContext): Command {
   addCopyCommand(program, ctx)
   addInspectCommand(program, ctx)
   addCacheCommand(program, ctx)
+  addImageCacheCommand(program, ctx)
   return program
 }
 

@@ -1,4 +1,5 @@
-import { MultiBar, type SingleBar } from 'cli-progress'
+import type { MultiBar, SingleBar } from 'cli-progress'
+import { requireLazily } from '../lazy-require.js'
 import type { CopyProgressEvent } from '../copy.js'
 import { type CliIO, formatBytes, println } from './io.js'
 
@@ -49,7 +50,9 @@ class BarProgress implements ProgressReporter {
 
   constructor(private readonly io: CliIO) {
     const stream = io.stdout as unknown as NodeJS.WriteStream
-    this.#multi = new MultiBar({
+    // Loaded here, not at start-up: only a terminal shows bars.
+    const { MultiBar: Bars } = requireLazily('cli-progress') as typeof import('cli-progress')
+    this.#multi = new Bars({
       stream,
       format: 'Copying {label} {name} [{bar}] {amount} {speed} {status}',
       barsize: 20,
