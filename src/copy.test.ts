@@ -8,9 +8,9 @@ import { decompressStream, detectCompression } from './compression.js'
 import { compressionStep } from './copy-blob.js'
 import { type CopyProgressEvent, copyImage } from './copy.js'
 import { digestOf } from './digest.js'
-import { type ImageManifest, type ImageIndex, layerCompressionOf } from './manifest.js'
+import { type ImageManifest, type ImageIndex, type Platform, currentPlatform, layerCompressionOf } from './manifest.js'
 import { MediaType } from './media-types.js'
-import type { BlobInfo } from './types.js'
+import type { BlobInfo, ImageReference, ImageSource } from './types.js'
 
 async function decompress(data: Buffer): Promise<Buffer> {
   const alg = detectCompression(data)
@@ -93,6 +93,24 @@ describe('copyImage (memory transport)', () => {
     expect(store.images.get('dst')!.instances.size).toBe(0)
     await expect(copyImage(mem.parseReference('src'), mem.parseReference('x'), { platform: { os: 'windows', architecture: 'amd64' } }))
       .rejects.toMatchObject({ code: 'PLATFORM_UNKNOWN' })
+  })
+
+  it('copies the instance of the running platform when no platform is given', async () => {
+    const { store, mem } = setup()
+    const here = currentPlatform()
+    const others: Platform[] = [
+      { os: 'linux', architecture: 'amd64' }, { os: 'linux', architecture: 'arm64' }, { os: 'linux', architecture: 's390x' },
+      { os: 'linux', architecture: 'ppc64le' }, { os: 'windows', architecture: 'amd64' },
+    ].filter((p) => p.os !== here.os || p.architecture !== here.architecture)
+    // the running platform sits in the middle, so neither "first" nor "last" picks it by chance
+    const platforms = [...others.slice(0, 2), here, ...others.slice(2)]
+    const ix = await writeRandomIndex(mem.parseReference('src'), platforms)
+    const r = await copyImage(mem.parseReference('src'), mem.parseReference('dst'))
+    expect(r.digest).toBe(ix.images[2].manifestDigest)
+    expect(stored(store, 'dst').manifest.equals(ix.images[2].manifest)).toBe(true)
+    // and an index without the running platform fails PLATFORM_UNKNOWN rather than picking another
+    await writeRandomIndex(mem.parseReference('foreign'), [{ os: 'plan9', architecture: 'mips' }])
+    await expect(copyImage(mem.parseReference('foreign'), mem.parseReference('x'))).rejects.toMatchObject({ code: 'PLATFORM_UNKNOWN' })
   })
 
   it("copies every instance with imageListSelection 'all'", async () => {
@@ -192,6 +210,59 @@ describe('copyImage (memory transport)', () => {
       const done = events.filter((e) => e.type === 'done' && e.kind === 'layer')
       expect(done.map((e) => e.newDigest).sort()).toEqual(m.layers.map((l) => l.digest).sort())
     }
+  })
+
+  it.each([
+    { desired: 'compress', from: null, want: 'gzip' },
+    { desired: 'decompress', from: 'gzip', want: null },
+    { desired: 'decompress', from: 'zstd', want: null },
+    { desired: 'preserve', from: 'zstd', want: 'zstd' },
+  ] as const)("without a compression option, follows the destination's desire: $desired turns $from layers into $want", async ({ desired, from, want }) => {
+    const store = new MemoryStore()
+    const mem = memoryTransport(store)
+    const image = await writeRandomImage(mem.parseReference('src'), { compression: from, layerSize: 100_000 })
+    const wants = memoryTransport(store, { desiredLayerCompression: desired })
+    const r = await copyImage(mem.parseReference('src'), wants.parseReference('dst'))
+    expect(await checkLayers(store, r.manifest)).toEqual([want, want])
+    expect((JSON.parse(r.manifest.toString()) as ImageManifest).config.digest).toBe(image.configDigest)
+    expect(r.digest === image.manifestDigest).toBe(want === from)
+    // an explicit option wins over the destination's desire
+    const kept = await copyImage(mem.parseReference('src'), wants.parseReference('kept'), { compression: 'preserve' })
+    expect(kept.digest).toBe(image.manifestDigest)
+  })
+
+  it.each([
+    [2, 7],
+    [undefined, 9],
+  ] as const)('copies at most %s blobs at once (default 6), and that many when it can', async (concurrency, layers) => {
+    const store = new MemoryStore()
+    const slow = memoryTransport(store, { chunkSize: 16 << 10, delayMs: 5 })
+    await writeRandomImage(slow.parseReference('src'), { layers, layerSize: 128 << 10, compression: null })
+    let open = 0
+    let max = 0
+    const inner = slow.parseReference('src')
+    const counting: ImageReference = {
+      transport: inner.transport,
+      stringWithinTransport: () => inner.stringWithinTransport(),
+      dockerReference: () => undefined,
+      newImageDestination: (ctx) => inner.newImageDestination(ctx),
+      deleteImage: (ctx) => inner.deleteImage(ctx),
+      async newImageSource(ctx) {
+        const s = await inner.newImageSource(ctx)
+        return Object.assign(Object.create(s) as ImageSource, {
+          getBlob: async (info: BlobInfo, o?: { signal?: AbortSignal }) => {
+            const blob = await s.getBlob(info, o)
+            max = Math.max(max, ++open)
+            blob.stream.once('close', () => open--)
+            return blob
+          },
+        })
+      },
+    }
+    const r = await copyImage(counting, memoryTransport(new MemoryStore()).parseReference('dst'), { concurrency })
+    expect(r.copied).toBe(layers + 1)
+    expect(max).toBe(concurrency ?? 6)
+    expect(open).toBe(0)
   })
 
   it('prefers the bytes over a lying layer media type', async () => {

@@ -385,7 +385,14 @@ class ImageCopier {
   buildManifest(plan: ImagePlan, outcomes: BlobOutcome[]): Written {
     const src = plan.source.manifest
     const converted = plan.format !== manifestFormatOf(plan.source.mediaType)
-    const out: ImageManifest = converted ? convertManifest(src, plan.format) : structuredClone(src)
+    // The media type of every known layer is recomputed below from the bytes as written
+    // (layerMediaTypeOut), so convert with those types neutralised: converting the source's
+    // `tar+zstd` layers to Docker schema 2 threw UNSUPPORTED even when they were being
+    // decompressed (an OCI zstd image into docker-archive:, which desires decompression).
+    const neutral = (d: Descriptor, i: number): Descriptor =>
+      plan.layers[i].known && isKnownLayerMediaType(d.mediaType) ? { ...d, mediaType: layerMediaType(d.mediaType, null) } : d
+    const toConvert: ImageManifest = converted ? { ...src, layers: src.layers.map(neutral) } : src
+    const out: ImageManifest = converted ? convertManifest(toConvert, plan.format) : structuredClone(src)
     let changed = converted
     plan.layers.forEach((l, i) => {
       const o = outcomes[i]

@@ -1,33 +1,39 @@
 /**
- * Error codes used across blobcache. The first group follows the OCI distribution spec, so a
- * missing blob reads `BLOB_UNKNOWN` whether it came from disk or from a registry.
+ * Every error code of blobcache. The first group follows the OCI distribution spec, so a missing
+ * blob reads `BLOB_UNKNOWN` whether it came from disk or from a registry.
  */
-export type ErrorCode =
+export const ERROR_CODES = [
   // OCI distribution-spec words
-  | 'BLOB_UNKNOWN'
-  | 'BLOB_UPLOAD_INVALID'
-  | 'MANIFEST_UNKNOWN'
-  | 'MANIFEST_INVALID'
-  | 'NAME_INVALID'
-  | 'NAME_UNKNOWN'
-  | 'DIGEST_INVALID'
-  | 'SIZE_INVALID'
-  | 'UNAUTHORIZED'
-  | 'DENIED'
-  | 'UNSUPPORTED'
-  | 'TOOMANYREQUESTS'
+  'BLOB_UNKNOWN',
+  'BLOB_UPLOAD_INVALID',
+  'MANIFEST_UNKNOWN',
+  'MANIFEST_INVALID',
+  'NAME_INVALID',
+  'NAME_UNKNOWN',
+  'DIGEST_INVALID',
+  'SIZE_INVALID',
+  'UNAUTHORIZED',
+  'DENIED',
+  'UNSUPPORTED',
+  'TOOMANYREQUESTS',
   // ours
-  | 'REFERENCE_INVALID'
-  | 'TRANSPORT_UNKNOWN'
-  | 'ARCHIVE_INVALID'
-  | 'LAYOUT_INVALID'
-  | 'PLATFORM_UNKNOWN'
-  | 'DIGESTS_NOT_PRESERVED'
-  | 'SIGNATURES_UNSUPPORTED'
-  | 'COMPRESSION_INVALID'
-  | 'CACHE_INVALID'
-  | 'ALREADY_EXISTS'
-  | 'REGISTRY_ERROR'
+  'REFERENCE_INVALID',
+  'TRANSPORT_UNKNOWN',
+  'ARCHIVE_INVALID',
+  'LAYOUT_INVALID',
+  'PLATFORM_UNKNOWN',
+  'DIGESTS_NOT_PRESERVED',
+  'SIGNATURES_UNSUPPORTED',
+  'COMPRESSION_INVALID',
+  'CACHE_INVALID',
+  'ALREADY_EXISTS',
+  'REGISTRY_ERROR',
+] as const
+
+/** One of {@link ERROR_CODES}. */
+export type ErrorCode = (typeof ERROR_CODES)[number]
+
+const KNOWN_CODES: ReadonlySet<string> = new Set(ERROR_CODES)
 
 /**
  * The one error class of blobcache. Callers branch on `err.code`, which stays stable across
@@ -56,12 +62,15 @@ export class DigestMismatchError extends ImageError {
   }
 }
 
-/** True when `err` carries a blobcache error code (and, if given, that code). */
+/**
+ * True when `err` carries one of blobcache's error codes (and, if given, that code). Node's own
+ * errors (`ENOENT`, …) are not blobcache errors. Works across two loaded copies of the package.
+ */
 export function isImageError(err: unknown, code?: ErrorCode): err is ImageError {
   if (typeof err !== 'object' || err === null) return false
   const c = (err as { code?: unknown }).code
   if (typeof c !== 'string') return false
-  return code === undefined ? err instanceof Error && 'code' in err : c === code
+  return code === undefined ? KNOWN_CODES.has(c) : c === code
 }
 
 /** The `code` of a Node.js system error (`ENOENT`, …), or undefined. */

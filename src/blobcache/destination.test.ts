@@ -64,6 +64,21 @@ describe('BlobCacheDestination.putBlob', () => {
     expect(await readFile(join(cacheDir, diffID))).toEqual(tar)
   })
 
+  it('tees into a .tmp- file in the cache directory and names the entry only when the blob is stored', async () => {
+    const { cacheDir, dest } = await setup()
+    const seen: string[][] = []
+    async function* slow() {
+      yield tar.subarray(0, 1000)
+      await new Promise((r) => setTimeout(r, 20))
+      seen.push(await entries(cacheDir))
+      yield tar.subarray(1000)
+    }
+    await dest.putBlob(Readable.from(slow()), info(tar))
+    expect(seen[0]).toHaveLength(1)
+    expect(seen[0][0]).toMatch(/^\.tmp-/)
+    expect(await entries(cacheDir)).toEqual([diffID])
+  })
+
   it('stores a config as <digest>.config', async () => {
     const { cacheDir, dest } = await setup()
     const config = Buffer.from('{"rootfs":{"type":"layers","diff_ids":[]}}')

@@ -1,4 +1,4 @@
-import { writeFile } from 'node:fs/promises'
+import { readdir, readlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Readable } from 'node:stream'
 import { describe, expect, it } from 'vitest'
@@ -9,6 +9,15 @@ async function collect(gen: AsyncIterable<Readable>): Promise<string[]> {
   const out: string[] = []
   for await (const s of gen) out.push((await readAll(s)).toString())
   return out
+}
+
+/** How many descriptors of this process are open on `file` (Linux /proc). */
+async function openDescriptors(file: string): Promise<number> {
+  let n = 0
+  for (const fd of await readdir('/proc/self/fd')) {
+    if ((await readlink(join('/proc/self/fd', fd)).catch(() => '')) === file) n++
+  }
+  return n
 }
 
 describe('fileRanges (TestStreamChunksFromFile)', () => {
@@ -32,6 +41,25 @@ describe('fileRanges (TestStreamChunksFromFile)', () => {
     const streams: Readable[] = []
     for await (const s of fileRanges(file, [{ offset: 0, length: 2 }, { offset: 7, length: 2 }])) streams.push(s)
     expect((await Promise.all(streams.map(readAll))).map(String)).toEqual(['12', '89'])
+  })
+
+  it('closes the file once every chunk stream has ended or been destroyed', async () => {
+    const file = join(await testDir(), 'f')
+    await writeFile(file, '123456789')
+    // every stream read to its end
+    expect(await collect(fileRanges(file, [{ offset: 1, length: 2 }, { offset: 4, length: -1 }, { offset: 0, length: 0 }]))).toEqual(['23', '56789', ''])
+    await expect.poll(() => openDescriptors(file)).toBe(0)
+    // streams consumed after the generator finished
+    const later: Readable[] = []
+    for await (const s of fileRanges(file, [{ offset: 0, length: 2 }, { offset: 7, length: 2 }])) later.push(s)
+    expect((await Promise.all(later.map(readAll))).map(String)).toEqual(['12', '89'])
+    await expect.poll(() => openDescriptors(file)).toBe(0)
+    // a consumer that destroys a stream unread, and one that stops iterating early
+    for await (const s of fileRanges(file, [{ offset: 0, length: 3 }, { offset: 3, length: 3 }])) {
+      s.destroy()
+      break
+    }
+    await expect.poll(() => openDescriptors(file)).toBe(0)
   })
 
   it('rejects chunks outside the file with SIZE_INVALID', async () => {

@@ -55,8 +55,11 @@ function rangeStream(handle: FileHandle, c: BlobChunk, release: () => void, reta
     autoClose: false,
     highWaterMark: HIGH_WATER_MARK,
   })
+  // With autoClose: false the stream is not destroyed at its end, so it never emits 'close'
+  // when read to the end: waiting for 'close' alone leaked the file handle of every getBlobAt
+  // on a cached file. finished() fires on end, error or premature close, whichever comes first.
   let released = false
-  stream.once('close', () => {
+  finished(stream, () => {
     if (!released) release()
     released = true
   })

@@ -7,7 +7,9 @@ import { digestOf } from '../digest.js'
 import { imageName } from '../transports/index.js'
 import { DirReference } from '../transports/dir.js'
 import type { LayerCompression } from '../types.js'
+import { BlobCacheDestination } from './destination.js'
 import { BlobCache, cacheLookupReferenceFunc } from './reference.js'
+import { BlobCacheSource } from './source.js'
 
 describe('BlobCache', () => {
   it('is named after the wrapped reference and forwards its methods', async () => {
@@ -70,6 +72,27 @@ describe('BlobCache', () => {
     expect(cache.compress).toBe('compress')
     expect(cache.compressAlgorithm).toBe('zstd')
     expect(() => cacheLookupReferenceFunc('', 'preserve')).toThrow(expect.objectContaining({ code: 'CACHE_INVALID' }))
+    expect(() => cacheLookupReferenceFunc('/d', 'squash' as LayerCompression)).toThrow(expect.objectContaining({ code: 'CACHE_INVALID' }))
+    // "checked at once": a bad algorithm fails here, not at the first reference wrapped
+    expect(() => cacheLookupReferenceFunc('/d', 'compress', { compressAlgorithm: 'lz4' as 'gzip' })).toThrow(
+      expect.objectContaining({ code: 'CACHE_INVALID' }),
+    )
+  })
+
+  it('opens sources and destinations of the wrapped reference through the cache', async () => {
+    const root = await testDir()
+    const ref = new DirReference(join(root, 'image'))
+    const cache = new BlobCache(ref, join(root, 'cache'))
+    const dest = await cache.newImageDestination()
+    expect(dest).toBeInstanceOf(BlobCacheDestination)
+    expect((dest as BlobCacheDestination).inner.reference).toMatchObject({ path: ref.path })
+    await dest.putManifest(Buffer.from('{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}'))
+    await dest.commit()
+    await dest.close()
+    const src = await cache.newImageSource()
+    expect(src).toBeInstanceOf(BlobCacheSource)
+    expect(src.reference).toBe(cache)
+    await src.close()
   })
 
   it('runs background tasks a few at a time', async () => {

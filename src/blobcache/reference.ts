@@ -179,5 +179,9 @@ export function cacheLookupReferenceFunc(
 ): (ref: ImageReference) => BlobCache {
   if (!directory) throw new ImageError('CACHE_INVALID', 'error using blobcache: no directory specified')
   if (!MODES.includes(compress)) throw new ImageError('CACHE_INVALID', `unhandled LayerCompression value ${JSON.stringify(compress)}`)
+  // The algorithm too, as documented ("checked at once"): before, a bad one only failed when
+  // the first reference was wrapped, in the middle of the copy tool's work.
+  const alg = opts.compressAlgorithm ?? 'gzip'
+  if (alg !== 'gzip' && alg !== 'zstd') throw new ImageError('CACHE_INVALID', `unknown compression algorithm ${JSON.stringify(alg)}`)
   return (ref) => new BlobCache(ref, directory, compress, opts)
 }

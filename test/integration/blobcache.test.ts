@@ -1,9 +1,11 @@
 // The blob cache end to end, through copyImage and the dir: transport: go-blobcache.md section
 // 5 (TestBlobCache, TestBlobCacheMultipleCompressedVersions and the extra checks), plus the
 // guarantees beyond Go (verified entries, wrong-size and corrupt entries never served).
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
+import { spawnSync } from 'node:child_process'
+import { existsSync } from 'node:fs'
+import { chmod, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { join, resolve } from 'node:path'
 import { Readable } from 'node:stream'
 import { gzipSync } from 'node:zlib'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -275,6 +277,41 @@ describe('blob cache extra checks', () => {
       await checkImage(out)
       expect(cache.stats.errors).toBe(3) // layer, config, manifest
     }
+  })
+
+  // As root a read-only directory is writable anyway, so "no permission" is tested for real:
+  // the copy runs (the built package) as the unprivileged user nobody, on a cache directory
+  // owned by root with mode 0755.
+  const DIST = resolve(__dirname, '../../dist/index.js')
+  it.skipIf(process.getuid?.() !== 0 || !existsSync(DIST))('a cache the process may not write (EACCES) never fails the copy, and is counted', async () => {
+    const root = await testDir()
+    await chmod(root, 0o755)
+    const image = await makeImage(50, 'gzip')
+    const srcDir = join(root, 'src')
+    await writeThroughCache(image, new BlobCache(new DirReference(srcDir), join(root, 'cache-a')))
+    const cacheDir = join(root, 'cache')
+    await mkdir(cacheDir, { mode: 0o755 })
+    await mkdir(join(root, 'outputs'), { mode: 0o777 })
+    await chmod(join(root, 'outputs'), 0o777)
+    const script = join(root, 'child.mjs')
+    await writeFile(script, `
+import { BlobCache, copyImage, dir } from ${JSON.stringify(DIST)}
+const [src, out, cacheDir] = process.argv.slice(2)
+const from = new BlobCache(dir.parseReference(src), cacheDir)
+const to = new BlobCache(dir.parseReference(out), cacheDir)
+const r = await copyImage(from, to)
+process.stdout.write(JSON.stringify({ digest: r.digest, from: from.stats, to: to.stats }))
+`)
+    const out = join(root, 'outputs', 'out')
+    const r = spawnSync(process.execPath, [script, srcDir, out, cacheDir], { uid: 65534, gid: 65534, encoding: 'utf8' })
+    expect(r.stderr).toBe('')
+    expect(r.status).toBe(0)
+    const result = JSON.parse(r.stdout)
+    expect(result.digest).toBe(image.manifestDigest)
+    expect(result.to.errors).toBe(3) // layer, config and manifest could not be cached
+    expect(result.from).toMatchObject({ hits: 0, errors: 0 })
+    await checkImage(out)
+    expect(await readdir(cacheDir)).toEqual([])
   })
 
   it('the copy streams a cached hit into a fresh dir: by file copy', async () => {

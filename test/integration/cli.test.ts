@@ -1,5 +1,5 @@
 import { existsSync } from 'node:fs'
-import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises'
+import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
@@ -9,6 +9,7 @@ import { digestHex, digestOf } from '../../src/digest.js'
 import { type SampleImage, writeSampleImage } from '../../src/sample-image.js'
 import { parseImageName } from '../../src/transports/index.js'
 import { cli } from '../helpers/cli.js'
+import { writeRandomImage, writeRandomIndex } from '../helpers/random-image.js'
 import { peer } from '../helpers/peers.js'
 import { skopeoInspect } from '../helpers/skopeo.js'
 
@@ -80,6 +81,66 @@ describe('blobcache copy', () => {
     const r = await cli(['copy', src, `dir:${dir}/tty`], { isTTY: true })
     expect(r.code).toBe(0)
     expect(r.stdout).toContain('Writing manifest to image destination')
+  })
+
+  it('draws one bar per blob (digest, bar, bytes, status) on a TTY', async () => {
+    const { dir, src, sample } = await withSample()
+    const r = await cli(['copy', src, `dir:${dir}/bars`], { isTTY: true })
+    expect(r.code).toBe(0)
+    const bar = (label: string, digest: string) =>
+      new RegExp(`Copying ${label} +${digest.slice(7, 19)} \\[=+\\] .*done`)
+    for (const l of sample.layers) expect(r.stdout).toMatch(bar('blob', l.digest))
+    expect(r.stdout).toMatch(bar('config', sample.config.digest))
+    // no skopeo-style plain lines on a TTY
+    expect(r.stdout).not.toContain(`Copying blob ${sample.layers[0].digest} done`)
+  })
+
+  it('--all, --platform, --dest-compress, --dest-decompress and --format take effect', async () => {
+    const dir = await tempDir()
+    const ix = await writeRandomIndex(parseImageName(`dir:${dir}/index`), [
+      { os: 'linux', architecture: 'amd64' }, { os: 'linux', architecture: 'arm64' },
+    ], { compression: null })
+    const all = JSON.parse((await cli(['copy', '--json', '--all', `dir:${dir}/index`, `oci:${dir}/all:x`])).stdout)
+    expect(all).toMatchObject({ manifestDigest: ix.indexDigest, mediaType: 'application/vnd.oci.image.index.v1+json' })
+    const arm = JSON.parse((await cli(['copy', '--json', '--platform', 'linux/arm64', `dir:${dir}/index`, `dir:${dir}/arm`])).stdout)
+    expect(arm.manifestDigest).toBe(ix.images[1].manifestDigest)
+
+    const gz = await cli(['copy', '-q', '--dest-compress', `dir:${dir}/arm`, `oci:${dir}/gz:x`])
+    expect(gz.code).toBe(0)
+    const gzManifest = JSON.parse((await cli(['inspect', '--raw', `oci:${dir}/gz:x`])).stdout)
+    expect(gzManifest.layers.map((l: { mediaType: string }) => l.mediaType)).toEqual(
+      ix.images[1].layers.map(() => 'application/vnd.oci.image.layer.v1.tar+gzip'),
+    )
+    expect((await cli(['copy', '-q', '--dest-decompress', `oci:${dir}/gz:x`, `dir:${dir}/plain`])).code).toBe(0)
+    const plain = JSON.parse(await readFile(join(dir, 'plain', 'manifest.json'), 'utf8'))
+    expect(plain.layers.map((l: { digest: string; mediaType: string }) => [l.digest, l.mediaType])).toEqual(
+      ix.images[1].layers.map((l) => [l.diffID, 'application/vnd.oci.image.layer.v1.tar']),
+    )
+    const v2 = JSON.parse((await cli(['copy', '--json', '--format', 'v2s2', `oci:${dir}/gz:x`, `dir:${dir}/v2`])).stdout)
+    expect(v2.mediaType).toBe('application/vnd.docker.distribution.manifest.v2+json')
+    const v2Manifest = JSON.parse(await readFile(join(dir, 'v2', 'manifest.json'), 'utf8'))
+    expect(v2Manifest.layers.map((l: { digest: string }) => l.digest)).toEqual(gzManifest.layers.map((l: { digest: string }) => l.digest))
+  })
+
+  it('--preserve-digests and --remove-signatures: refusals exit 1 naming the image, and the flags work', async () => {
+    const dir = await tempDir()
+    const image = await writeRandomImage(parseImageName(`dir:${dir}/signed`), { compression: null })
+    await writeFile(join(dir, 'signed', 'signature-1'), 'a signature')
+    // a signed image: copying it to oci: (which stores no signatures) is refused ...
+    const refused = await cli(['copy', `dir:${dir}/signed`, `oci:${dir}/o:x`])
+    expect(refused.code).toBe(1)
+    expect(refused.stderr).toMatch(new RegExp(`^blobcache: copying dir:${dir}/signed to oci:${dir}/o:x: .*remove-signatures.*\\n$`))
+    // ... unless told to drop them; dir: keeps them
+    expect((await cli(['copy', '-q', '--remove-signatures', `dir:${dir}/signed`, `oci:${dir}/o:x`])).code).toBe(0)
+    expect((await cli(['copy', '-q', `dir:${dir}/signed`, `dir:${dir}/copy`])).code).toBe(0)
+    expect(await readFile(join(dir, 'copy', 'signature-1'), 'utf8')).toBe('a signature')
+    // --preserve-digests refuses a change and writes no manifest
+    const keep = await cli(['copy', '--preserve-digests', '--dest-compress', `oci:${dir}/o:x`, `dir:${dir}/kept`])
+    expect(keep.code).toBe(1)
+    expect(keep.stderr).toMatch(/^blobcache: copying .*: cannot copy .* without changing its manifest digest .*compressed with gzip.*\n$/)
+    expect(existsSync(join(dir, 'kept', 'manifest.json'))).toBe(false)
+    const same = JSON.parse((await cli(['copy', '--json', '--preserve-digests', `oci:${dir}/o:x`, `dir:${dir}/same`])).stdout)
+    expect(same.manifestDigest).toBe(image.manifestDigest)
   })
 
   it.each([
@@ -231,6 +292,57 @@ describe('blobcache copy --blob-cache and blobcache cache', () => {
     expect(b.manifestDigest).toBe(sample.digest)
     expect(b.cache.hits).toBeGreaterThanOrEqual(sample.layers.length + 1)
     expect(digestOf(await readFile(join(dir, 'warm', 'manifest.json')))).toBe(sample.digest)
+  })
+
+  it('--cache-compression decompress and compress --cache-compress-format zstd substitute cached variants', async () => {
+    const { dir, src, sample } = await withSample()
+    const cache = join(dir, 'cache')
+    const cold = JSON.parse((await cli(['copy', '--json', '--blob-cache', cache, src, `dir:${dir}/cold`])).stdout)
+    expect(Object.keys(cold.cache).sort()).toEqual(['errors', 'hits', 'misses'])
+    expect(cold.cache).toMatchObject({ hits: 0, errors: 0 })
+    expect(cold.cache.misses).toBeGreaterThan(0)
+    // the gzip layers were decompressed into the cache on the way: decompress mode serves those
+    const plain = await cli(['copy', '--json', '--blob-cache', cache, '--cache-compression', 'decompress', src, `dir:${dir}/plain`])
+    expect(plain.code).toBe(0)
+    const plainManifest = JSON.parse(await readFile(join(dir, 'plain', 'manifest.json'), 'utf8'))
+    expect(plainManifest.layers.map((l: { mediaType: string }) => l.mediaType)).toEqual(
+      sample.layers.map(() => 'application/vnd.oci.image.layer.v1.tar'),
+    )
+    expect(JSON.parse(plain.stdout).cache.hits).toBeGreaterThanOrEqual(sample.layers.length)
+    for (const l of plainManifest.layers) expect(digestOf(await readFile(join(dir, 'plain', digestHex(l.digest))))).toBe(l.digest)
+
+    // an uncompressed image through a compress/zstd cache: the write makes zstd variants, the
+    // next read substitutes them
+    const z = ['--blob-cache', cache, '--cache-compression', 'compress', '--cache-compress-format', 'zstd']
+    expect((await cli(['copy', '-q', ...z, `dir:${dir}/plain`, `dir:${dir}/plain2`])).code).toBe(0)
+    const zr = await cli(['copy', '--json', ...z, `dir:${dir}/plain`, `dir:${dir}/zstd`])
+    expect(zr.code).toBe(0)
+    const zManifest = JSON.parse(await readFile(join(dir, 'zstd', 'manifest.json'), 'utf8'))
+    expect(zManifest.layers.map((l: { mediaType: string }) => l.mediaType)).toEqual(
+      sample.layers.map(() => 'application/vnd.oci.image.layer.v1.tar+zstd'),
+    )
+    for (const l of zManifest.layers) {
+      const bytes = await readFile(join(dir, 'zstd', digestHex(l.digest)))
+      expect(digestOf(bytes)).toBe(l.digest)
+      expect(bytes.readUInt32LE(0)).toBe(0xfd2fb528) // zstd frame magic
+    }
+  })
+
+  it('cache verify removes a corrupt entry and says so', async () => {
+    const { dir, src, sample } = await withSample()
+    const cache = join(dir, 'cache')
+    expect((await cli(['copy', '-q', '--blob-cache', cache, src, `dir:${dir}/out`])).code).toBe(0)
+    const victim = sample.layers[1].digest
+    const bytes = await readFile(join(cache, victim))
+    bytes[bytes.length - 1] ^= 0xff
+    await writeFile(join(cache, victim), bytes)
+    const verify = await cli(['cache', 'verify', '--json', cache])
+    expect(verify.code).toBe(0)
+    expect(JSON.parse(verify.stdout).removed).toEqual([victim])
+    expect((await cli(['cache', 'has', cache, victim])).code).toBe(1)
+    const text = await cli(['cache', 'verify', cache])
+    expect(text.code).toBe(0)
+    expect(text.stdout).not.toBe('')
   })
 
   it('ls, has, verify, prune and clear work on the directory', async () => {

@@ -14,6 +14,7 @@ import { readConfig, readManifest } from '../../src/image.js'
 import { type ImageIndex, type ImageManifest, layerCompressionOf } from '../../src/manifest.js'
 import { MediaType } from '../../src/media-types.js'
 import { dir } from '../../src/transports/dir.js'
+import { dockerArchive } from '../../src/transports/docker-archive.js'
 import { ociLayout } from '../../src/transports/oci-layout.js'
 import type { BlobInfo, ImageReference, ImageSource } from '../../src/types.js'
 import { MemoryStore, memoryTransport } from '../helpers/memory-transport.js'
@@ -145,6 +146,25 @@ describe('copyImage between dir: and oci:', () => {
     const back = await copyImage(oci, dir.parseReference(join(root, 'back')), { manifestFormat: 'v2s2' })
     expect(back.mediaType).toBe(MediaType.dockerManifest)
     expect(JSON.parse(back.manifest.toString())).toEqual(JSON.parse(image.manifest.toString()))
+  })
+
+  it("follows the destination's desired compression: gzip and zstd layers go into docker-archive: uncompressed", async () => {
+    const root = await tempDir()
+    for (const compression of ['gzip', 'zstd'] as const) {
+      const src = dir.parseReference(join(root, `src-${compression}`))
+      const image = await writeRandomImage(src, { compression, layers: 2, layerSize: 100_000 })
+      const archive = dockerArchive.parseReference(`${join(root, `${compression}.tar`)}:example.com/wants/plain:v1`)
+      const r = await copyImage(src, archive) // no compression option: docker-archive desires decompress
+      expect(r.mediaType).toBe(MediaType.dockerManifest)
+      const { manifest, algs } = await verifyImage(archive)
+      expect(algs).toEqual([null, null])
+      expect(manifest.layers.map((l) => [l.digest, l.mediaType])).toEqual(image.layers.map((l) => [l.diffID, MediaType.dockerLayer]))
+      expect(manifest.config.digest).toBe(image.configDigest)
+    }
+    // while dir: keeps what it is given
+    const kept = await copyImage(dir.parseReference(join(root, 'src-gzip')), dir.parseReference(join(root, 'kept')))
+    expect((await verifyImage(dir.parseReference(join(root, 'kept')))).algs).toEqual(['gzip', 'gzip'])
+    expect(kept.digest).toBe(digestOf(await readFile(join(root, 'src-gzip', 'manifest.json'))))
   })
 
   it('refuses with preserveDigests before writing anything', async () => {
