@@ -12,7 +12,6 @@ import { detectCompression, PEEK_BYTES } from '../compression.js'
 import { type Digest, type DigestAlgorithm, type DigestingStream, digestAlgorithm, streamDigest } from '../digest.js'
 import type { DetectedAlgorithm } from '../types.js'
 import { HIGH_WATER_MARK, fileExists, removeQuietly } from './files.js'
-import { GunzipOnWorker } from './gunzip-worker.js'
 import { type CacheErrorHandler, Decompression, storeDecompressed } from './variants.js'
 
 const log = debug('blobcache:blobcache:tee')
@@ -64,7 +63,7 @@ export class CacheTee extends Transform implements DigestingStream {
   #head: Buffer[] | null = []
   #headBytes = 0
   #algorithm: DetectedAlgorithm | null = null
-  #decompression: Decompression | GunzipOnWorker | undefined
+  #decompression: Decompression | undefined
   #computed: Digest | undefined
   #pending: Promise<unknown> = Promise.resolve()
 
@@ -186,11 +185,7 @@ export class CacheTee extends Transform implements DigestingStream {
     this.#algorithm = detectCompression(head)
     if (!this.#algorithm || !this.#opts.decompress) return
     const base = this.#opts.digest
-    // gzip, by far the most common, is decompressed on a worker thread (BLOBCACHE_WORKERS=0: here).
-    this.#decompression =
-      this.#algorithm === 'gzip' && process.env.BLOBCACHE_WORKERS !== '0'
-        ? new GunzipOnWorker(this.#opts.dir, base, this.#opts.onError)
-        : new Decompression(this.#opts.dir, base, this.#algorithm, this.#opts.onError)
+    this.#decompression = new Decompression(this.#opts.dir, base, this.#algorithm, this.#opts.onError)
     await this.#decompression.write(head)
   }
 }
