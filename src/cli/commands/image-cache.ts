@@ -90,7 +90,7 @@ export function addImageCacheCommand(program: Command, ctx: RunContext): void {
     .argument('<name...>', 'image names, e.g. alpine:3.19')
     .addOption(new Option('--platform <os/arch[/variant]>', 'platform to pull; repeat for several (default: this machine)').argParser(platformArg))
     .option('--always-pull', 'ask the registry even when the cache has the image whole')
-  addRegistryFlags(pull, '', 'registry')
+  addRegistryFlags(pull, '', 'image')
   pull.action(async (names: string[], flags: { platform?: string[]; alwaysPull?: boolean }, cmd: Command) => {
     const registry = registryOptions(flags as Record<string, unknown>, '')
     for (const name of names) {
@@ -109,7 +109,7 @@ export function addImageCacheCommand(program: Command, ctx: RunContext): void {
     .option('--remote-name <name>', 'name to push to (default: the same name)')
     .option('--with-arch-tags', 'also tag each platform as <tag>-<arch>')
     .option('--override', 'replace (for an index: merge into) an existing remote tag')
-  addRegistryFlags(push, '', 'registry')
+  addRegistryFlags(push, '', 'image')
   push.action(async (name: string, flags: { remoteName?: string; withArchTags?: boolean; override?: boolean }, cmd: Command) => {
     await attempt(ctx, `pushing ${name}`, async () => {
       const cache = await openCache(cmd, registryOptions(flags as Record<string, unknown>, ''))
@@ -137,7 +137,7 @@ export function addImageCacheCommand(program: Command, ctx: RunContext): void {
     .command('clean')
     .description('remove every image (with --published-only: those whose registry tag has the same digest)')
     .option('--published-only', 'remove only images whose registry tag resolves to the cached digest')
-  addRegistryFlags(clean, '', 'registry')
+  addRegistryFlags(clean, '', 'image')
   clean.action(async (flags: { publishedOnly?: boolean }, cmd: Command) => {
     await attempt(ctx, 'cleaning the image cache', async () => {
       const cache = await openCache(cmd, registryOptions(flags as Record<string, unknown>, ''))
