@@ -18,6 +18,12 @@ export default defineConfig([
     target: 'node20',
     splitting: false,
     shims: true,
-    banner: { js: '#!/usr/bin/env node' },
+    // commander and debug are bundled into the commands: loading them as CommonJS packages from
+    // an ES module (resolution, export lexing, one compile per file) cost about 10 ms of every
+    // run. Their Node built-ins are loaded through the `require` the banner provides.
+    noExternal: ['commander', 'debug'],
+    banner: {
+      js: "#!/usr/bin/env node\nimport { createRequire as __blobcacheCreateRequire } from 'node:module';\nconst require = __blobcacheCreateRequire(import.meta.url);",
+    },
   },
 ])

@@ -10,13 +10,15 @@
 //
 // The image is bench/make-image.mjs's 4 x 64 MiB one (shared with bench/run.mjs through the same
 // cache directory). Commands alternate run by run after one untimed warm-up each; medians and
-// ratios (ours / skopeo) are printed and written to bench/docker-results.json.
+// ratios (ours / skopeo) are printed and written to bench/docker-results.json. When
+// /usr/bin/time is there, the user+sys CPU time of each command is recorded too (the registry's
+// own CPU is not included): on a shared machine it is steadier than the wall time.
 import { execFileSync, spawn } from 'node:child_process'
-import { existsSync, mkdtempSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { mkdir, rm, writeFile } from 'node:fs/promises'
 import { request } from 'node:http'
 import { createServer } from 'node:net'
-import { cpus, tmpdir, totalmem } from 'node:os'
+import { cpus, loadavg, tmpdir, totalmem } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
@@ -45,6 +47,7 @@ if (!Number.isInteger(runs) || runs < 1) usage(`--runs must be a positive intege
 const only = opts.only ? opts.only.split(',').map((s) => s.trim()) : Object.keys(CASES)
 for (const c of only) if (!(c in CASES)) usage(`unknown case ${c}; cases: ${Object.keys(CASES).join(' ')}`)
 const CLI = resolve(opts.cli)
+const TIME = existsSync('/usr/bin/time') ? '/usr/bin/time' : undefined
 if (!existsSync(CLI)) usage(`${CLI} is missing: run \`npm run build\` first`)
 for (const tool of ['docker-registry', 'skopeo']) if (!which(tool)) usage(`${tool} is not on PATH`)
 
@@ -103,7 +106,7 @@ const ours = (...args) => ['node', [CLI, 'copy', '-q', ...args]]
 const theirs = (...args) => ['skopeo', ['--policy', policy, 'copy', '-q', ...args]]
 const results = {
   date: new Date().toISOString(),
-  machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 2 ** 30), node: process.version },
+  machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 2 ** 30), node: process.version, loadavgAtStart: loadavg() },
   skopeo: execFileSync('skopeo', ['--version'], { encoding: 'utf8' }).trim(),
   registry: execFileSync('docker-registry', ['--version'], { encoding: 'utf8' }).trim(),
   runs,
@@ -135,16 +138,24 @@ if (only.includes('pull')) {
   table.push(compare('pull docker -> oci', times, CASES.pull))
 }
 if (only.includes('repush')) {
+  // a bare `node -e 0`, alternated with the others: the start-up floor of any Node.js CLI
   const times = await timeAlternating(
     'repush',
-    { ours: ours('--dest-tls-verify=false', src, remote), skopeo: theirs('--dest-tls-verify=false', src, remote) },
+    { ours: ours('--dest-tls-verify=false', src, remote), skopeo: theirs('--dest-tls-verify=false', src, remote), node: [process.execPath, ['-e', '0']] },
     async () => {},
   )
-  table.push(compare('re-push, every blob present', times, CASES.repush))
+  const row = compare('re-push, every blob present', times, CASES.repush)
+  row.medianNodeStartup = times.times.node ? round3(median(times.times.node)) : null
+  table.push(row)
 }
 await stopRegistry()
 
 printTable(table)
+const floor = table.find((r) => typeof r.medianNodeStartup === 'number')
+if (floor?.medianSkopeo) {
+  console.log(`\nre-push floor: a bare \`node -e 0\` takes ${floor.medianNodeStartup.toFixed(3)} s, ${(floor.medianNodeStartup / floor.medianSkopeo).toFixed(2)} x skopeo's whole re-push`)
+}
+results.machine.loadavgAtEnd = loadavg()
 results.cases = table
 const out = join(ROOT, 'bench', 'docker-results.json')
 writeFileSync(out, JSON.stringify(results, null, 2) + '\n')
@@ -156,6 +167,7 @@ process.exitCode = failed ? 1 : 0
 /** Runs each command `runs` times, alternating them, after one untimed warm-up of each. */
 async function timeAlternating(name, cmds, prepare) {
   const times = Object.fromEntries(Object.keys(cmds).map((k) => [k, []]))
+  const cpu = Object.fromEntries(Object.keys(cmds).map((k) => [k, []]))
   log(`${name}: ${Object.keys(cmds).join(' / ')}, ${runs} runs each (+1 warm-up)`)
   for (let round = 0; round <= runs; round++) {
     for (const [key, [cmd, args]] of Object.entries(cmds)) {
@@ -170,22 +182,30 @@ async function timeAlternating(name, cmds, prepare) {
         console.error(`  ${key} failed (exit ${r.code}): ${cmd} ${args.join(' ')}\n    ${r.stderr.trim().split('\n').slice(-5).join('\n    ')}`)
         continue
       }
-      if (round > 0) times[key].push(seconds)
+      if (round > 0) {
+        times[key].push(seconds)
+        if (r.cpu !== undefined) cpu[key].push(r.cpu)
+      }
     }
   }
-  return times
+  return { times, cpu }
 }
 
-function compare(label, times, target) {
+function compare(label, { times, cpu }, target) {
   const ma = times.ours ? median(times.ours) : null
   const mb = times.skopeo ? median(times.skopeo) : null
   const ratio = ma !== null && mb !== null ? ma / mb : null
   if (ratio === null || ratio > target) failed = true
-  return { label, runsOurs: times.ours, runsSkopeo: times.skopeo, medianOurs: round3(ma), medianSkopeo: round3(mb), ratio: round3(ratio), target, pass: ratio !== null && ratio <= target }
+  const cpuOurs = times.ours && cpu.ours.length ? median(cpu.ours) : null
+  const cpuSkopeo = times.skopeo && cpu.skopeo.length ? median(cpu.skopeo) : null
+  return {
+    label, runsOurs: times.ours, runsSkopeo: times.skopeo, medianOurs: round3(ma), medianSkopeo: round3(mb), ratio: round3(ratio), target,
+    pass: ratio !== null && ratio <= target, cpuOurs: round3(cpuOurs), cpuSkopeo: round3(cpuSkopeo),
+  }
 }
 
 function printTable(rows) {
-  const head = ['case', 'ours (s)', 'skopeo (s)', 'ratio', 'target', '']
+  const head = ['case', 'ours (s)', 'skopeo (s)', 'ratio', 'target', '', 'cpu ours', 'cpu skopeo']
   const lines = rows.map((r) => [
     r.label,
     r.medianOurs?.toFixed(3) ?? 'error',
@@ -193,6 +213,8 @@ function printTable(rows) {
     r.ratio?.toFixed(3) ?? '-',
     `<= ${r.target.toFixed(1)}`,
     r.ratio === null ? '' : r.pass ? 'ok' : 'MISS',
+    r.cpuOurs?.toFixed(2) ?? '-',
+    r.cpuSkopeo?.toFixed(2) ?? '-',
   ])
   const widths = head.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i].length)))
   const fmt = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ').trimEnd()
@@ -200,14 +222,24 @@ function printTable(rows) {
   for (const l of lines) console.log(fmt(l))
 }
 
+/** Runs a command; resolves its exit code, stderr tail and (with /usr/bin/time) user+sys seconds. */
 function exec(cmd, args) {
+  const usage = join(work, 'time.txt')
+  const [file, argv] = TIME ? [TIME, ['-f', '%U %S', '-o', usage, cmd, ...args]] : [cmd, args]
   return new Promise((resolvePromise, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] })
+    const child = spawn(file, argv, { stdio: ['ignore', 'ignore', 'pipe'] })
     let stderr = ''
     child.stderr.setEncoding('utf8')
     child.stderr.on('data', (s) => (stderr = (stderr + s).slice(-20_000)))
     child.on('error', reject)
-    child.on('close', (code, signal) => resolvePromise({ code: code ?? (signal ? 128 : 1), stderr }))
+    child.on('close', (code, signal) => {
+      let cpu
+      if (TIME) {
+        const [user, sys] = readFileSync(usage, 'utf8').trim().split('\n').pop().split(' ').map(Number)
+        if (Number.isFinite(user) && Number.isFinite(sys)) cpu = user + sys
+      }
+      resolvePromise({ code: code ?? (signal ? 128 : 1), stderr, cpu })
+    })
   })
 }
 

@@ -1,13 +1,77 @@
-import type { Readable } from 'node:stream'
+/** Where a request body is written: a ClientRequest, as far as a body needs one. */
+export interface BodySink {
+  write(chunk: Buffer): boolean
+  readonly destroyed: boolean
+}
 
-/** Up to one chunk of a blob, kept as the Buffers it was read in (joining them would copy it). */
+/**
+ * One piece of an upload, of a length fixed in advance (`capacity`), kept as the Buffers it was
+ * read in (joining them would copy it). Its bytes may still be arriving: {@link streamTo} sends
+ * what is there and then the rest as it comes, so that a request can start before the whole
+ * chunk has been read, while the chunk keeps every byte for a retry.
+ */
 export class Chunk {
-  constructor(
-    readonly parts: Buffer[],
-    readonly length: number,
-  ) {}
+  readonly parts: Buffer[] = []
+  length = 0
+  #failure: Error | undefined
+  #waiters: (() => void)[] = []
 
-  /** The bytes from `offset` on, as Buffers sharing this chunk's memory. */
+  constructor(readonly capacity: number) {}
+
+  /** True once {@link fail} was called. */
+  get failed(): boolean {
+    return this.#failure !== undefined
+  }
+
+  /** True once `capacity` bytes are in. */
+  get complete(): boolean {
+    return this.length === this.capacity
+  }
+
+  /** Appends bytes; MUST NOT go past `capacity`. */
+  add(buf: Buffer): void {
+    if (this.length + buf.length > this.capacity) throw new RangeError(`chunk overflow: ${this.length} + ${buf.length} > ${this.capacity}`)
+    this.parts.push(buf)
+    this.length += buf.length
+    this.#wake()
+  }
+
+  /** No more bytes will come: a sender waiting for them rejects with `err`. */
+  fail(err: Error): void {
+    this.#failure ??= err
+    this.#wake()
+  }
+
+  /** Resolves once the chunk is complete; rejects if it failed first. */
+  async whenComplete(): Promise<void> {
+    while (!this.complete) await this.#next()
+  }
+
+  /**
+   * Writes the bytes from `offset` on to `out` as they arrive, resolving once the last one is
+   * written (or `out` was destroyed, which its request reports). Rejects if the chunk fails
+   * before it is complete.
+   */
+  async streamTo(out: BodySink, offset = 0): Promise<void> {
+    let at = 0
+    let skip = offset
+    for (;;) {
+      while (at < this.parts.length) {
+        const part = this.parts[at++]
+        if (skip >= part.length) {
+          skip -= part.length
+          continue
+        }
+        if (out.destroyed) return
+        out.write(skip > 0 ? part.subarray(skip) : part)
+        skip = 0
+      }
+      if (this.complete || out.destroyed) return
+      await this.#next()
+    }
+  }
+
+  /** The bytes from `offset` on (of those in so far), as Buffers sharing this chunk's memory. */
   from(offset: number): Buffer[] {
     const out: Buffer[] = []
     let skip = offset
@@ -21,26 +85,15 @@ export class Chunk {
     }
     return out
   }
-}
 
-/** Cuts `stream`'s bytes into chunks of exactly `size` bytes; the last may be shorter (none if empty). */
-export async function* readChunks(stream: Readable, size: number): AsyncGenerator<Chunk> {
-  let parts: Buffer[] = []
-  let have = 0
-  for await (const data of stream) {
-    let buf = typeof data === 'string' ? Buffer.from(data) : (data as Buffer)
-    while (have + buf.length >= size) {
-      const take = size - have
-      parts.push(buf.subarray(0, take))
-      yield new Chunk(parts, size)
-      buf = buf.subarray(take)
-      parts = []
-      have = 0
-    }
-    if (buf.length > 0) {
-      parts.push(buf)
-      have += buf.length
-    }
+  #next(): Promise<void> {
+    if (this.#failure) return Promise.reject(this.#failure)
+    return new Promise<void>((resolve) => this.#waiters.push(resolve))
   }
-  if (have > 0) yield new Chunk(parts, have)
+
+  #wake(): void {
+    const waiters = this.#waiters
+    this.#waiters = []
+    for (const w of waiters) w()
+  }
 }

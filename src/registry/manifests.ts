@@ -4,8 +4,9 @@ import { ImageError } from '../errors.js'
 import { MAX_MANIFEST_SIZE } from '../manifest.js'
 import { MediaType, guessMediaType } from '../media-types.js'
 import { repositoryScope } from './auth.js'
-import { type RegistryClient, header, readBuffer } from './client.js'
+import { type RegistryClient, discard, header, readBuffer } from './client.js'
 import { RegistryError } from './errors.js'
+import { withRetry } from './retry.js'
 
 const log = debug('blobcache:registry:manifests')
 
@@ -30,19 +31,32 @@ export interface FetchedManifest {
  * rejects with `MANIFEST_UNKNOWN`. Manifests over 4 MiB are refused.
  */
 export async function fetchManifest(client: RegistryClient, repository: string, reference: string, signal?: AbortSignal): Promise<FetchedManifest> {
-  const res = await client
-    .send({
-      method: 'GET',
-      path: `/v2/${repository}/manifests/${reference}`,
-      repository,
-      scopes: [repositoryScope(repository, 'pull')],
-      headers: { accept: MANIFEST_ACCEPT },
-      kind: 'manifest',
-      action: `fetching manifest ${reference}`,
-      signal,
-    })
-    .catch(manifestUnknown)
-  const bytes = await readBuffer(res.body, MAX_MANIFEST_SIZE, () => new ImageError('MANIFEST_INVALID', `manifest ${reference} of ${client.registry}/${repository} is larger than ${MAX_MANIFEST_SIZE} bytes`))
+  // A connection cut in the middle of the body is as transient as one cut before the answer:
+  // the body is read inside its own retry (send retries only up to the headers), and a body
+  // that still cannot be read fails with a typed RegistryError instead of a bare socket error.
+  const cut = new WeakSet<object>()
+  const { res, bytes } = await withRetry(async () => {
+    const res = await client
+      .send({
+        method: 'GET',
+        path: `/v2/${repository}/manifests/${reference}`,
+        repository,
+        scopes: [repositoryScope(repository, 'pull')],
+        headers: { accept: MANIFEST_ACCEPT },
+        kind: 'manifest',
+        action: `fetching manifest ${reference}`,
+        signal,
+      })
+      .catch(manifestUnknown)
+    try {
+      return { res, bytes: await readBuffer(res.body, MAX_MANIFEST_SIZE, () => new ImageError('MANIFEST_INVALID', `manifest ${reference} of ${client.registry}/${repository} is larger than ${MAX_MANIFEST_SIZE} bytes`)) }
+    } catch (err) {
+      if (err instanceof ImageError || signal?.aborted) throw err
+      const typed = new RegistryError({ status: 0, registry: client.registry, repository, action: `reading manifest ${reference}`, kind: 'manifest', cause: err })
+      cut.add(typed)
+      throw typed
+    }
+  }, { ...client.retryPolicy, signal, what: `manifest ${reference}`, retryable: (err) => cut.has(err as object) })
   const expected = isDigest(reference) ? reference : undefined
   const digest = digestOf(bytes, expected ? digestAlgorithm(expected) : 'sha256')
   if (expected && digest !== expected) {
@@ -93,7 +107,7 @@ export async function pushManifest(
     action: `storing manifest ${reference}`,
     signal,
   })
-  await res.body.dump()
+  await discard(res.body)
   log('stored manifest %s (%s) in %s/%s', reference, digest, client.registry, repository)
   return digest
 }
@@ -112,7 +126,7 @@ export async function deleteManifest(client: RegistryClient, repository: string,
       signal,
     })
     .catch(manifestUnknown)
-  await res.body.dump()
+  await discard(res.body)
   log('deleted manifest %s from %s/%s', digest, client.registry, repository)
 }
 

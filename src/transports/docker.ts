@@ -203,7 +203,7 @@ class DockerDestination implements ImageDestination {
     const digest = info.digest
     if (!digest) return undefined
     const { registry, repository } = this.reference
-    const size = await headBlob(this.client, repository, digest, opts.signal)
+    const size = await headBlob(this.client, repository, digest, opts.signal, true)
     if (size !== undefined && (info.size < 0 || size < 0 || size === info.size)) {
       log('blob %s already in %s/%s', digest, registry, repository)
       recordBlobLocation(digest, registry, repository)
@@ -212,7 +212,7 @@ class DockerDestination implements ImageDestination {
     for (const from of blobLocations(digest, registry, repository).slice(0, MAX_MOUNT_CANDIDATES)) {
       if (await mountBlob(this.client, repository, digest, from, opts.signal)) {
         recordBlobLocation(digest, registry, repository)
-        const mounted = info.size >= 0 ? info.size : ((await headBlob(this.client, repository, digest, opts.signal)) ?? -1)
+        const mounted = info.size >= 0 ? info.size : ((await headBlob(this.client, repository, digest, opts.signal, true)) ?? -1)
         return { digest, size: mounted, ...(info.mediaType ? { mediaType: info.mediaType } : {}) }
       }
     }

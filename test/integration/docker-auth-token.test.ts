@@ -3,6 +3,7 @@
 // scope), are cached per scope, are renewed after a 401, and a token without the needed scope
 // ends in a typed DENIED error.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { copyImage } from '../../src/copy.js'
 import { RegistryClient } from '../../src/registry/client.js'
 import { fetchManifest } from '../../src/registry/manifests.js'
 import type { RegistryOptions } from '../../src/types.js'
@@ -41,6 +42,15 @@ describe.skipIf(!ready)('docker:// with bearer-token auth', () => {
     const src = await at('tok/app:v1', { credentials: alice }).newImageSource()
     await checkImage(src, image)
     expect(tokenRequests('repository:tok/app:pull')).toHaveLength(1)
+  })
+
+  it('a copy that pushes asks for one destination token: its existence checks use the push scope too', async () => {
+    const source = at('tok/app:v1', { credentials: alice })
+    const before = registry.tokenServer!.requests.length
+    await copyImage(source, at('tok/copied:v1', { credentials: alice }))
+    const asked = registry.tokenServer!.requests.slice(before).map((r) => r.scopes.join(' '))
+    // the source's pull token, the destination's, and the mount's (both repositories)
+    expect(asked).toEqual(['repository:tok/app:pull', 'repository:tok/copied:pull,push', 'repository:tok/copied:pull,push repository:tok/app:pull'])
   })
 
   it('renews a token the registry rejects (401) and carries on', async () => {

@@ -84,6 +84,17 @@ describe.skipIf(!registryBin)('docker:// through a fault-injecting proxy', () =>
     await expect(readAll(short.stream)).rejects.toMatchObject({ code: 'SIZE_INVALID' })
   })
 
+  it('fails with a typed error naming the blob once a cut connection has been resumed as often as allowed', async () => {
+    const layer = big()
+    const client = new RegistryClient(proxy.host, fast)
+    proxy.setRules([{ method: 'GET', path: blobPath(layer.digest), fault: { kind: 'drop', afterBytes: 100_000 } }])
+    const whole = await openBlob(client, 'faults/app', layer.digest, layer.size, { verify: false, resumes: 2 })
+    await expect(readAll(whole.stream)).rejects.toMatchObject({ code: 'REGISTRY_ERROR', registry: proxy.host, repository: 'faults/app', cause: { code: 'ECONNRESET' } })
+    expect(proxy.requests.filter((r) => r.method === 'GET' && blobPath(layer.digest).test(r.path))).toHaveLength(3)
+    const range = await openBlob(client, 'faults/app', layer.digest, layer.size, { range: { offset: 10, length: 1 << 20 } })
+    await expect(readAll(range.stream)).rejects.toMatchObject({ code: 'REGISTRY_ERROR', repository: 'faults/app' })
+  })
+
   it('retries 500s and honours 429 Retry-After', async () => {
     proxy.setRules([
       { method: 'GET', path: /\/manifests\/v1$/, count: 2, fault: { kind: 'status', status: 500, body: '{"errors":[{"code":"UNKNOWN","message":"boom"}]}' } },

@@ -75,6 +75,24 @@ describe.skipIf(!registryBin)('docker:// against docker-registry (no auth)', () 
     expect((await readAll(blob.stream)).equals(big)).toBe(true)
   })
 
+  it('sends a chunk of a known-size blob while it is still being read', async () => {
+    const client = new RegistryClient(proxy.host, { tlsVerify: false })
+    const bytes = Buffer.alloc(200_000, 's')
+    proxy.clear()
+    let patchSeenEarly = false
+    const source = Readable.from((async function* () {
+      yield bytes.subarray(0, 10_000)
+      // the rest of the first chunk only comes once its PATCH has reached the registry
+      for (let i = 0; i < 200 && requests('PATCH', /\/blobs\/uploads\//).length === 0; i++) await new Promise((r) => setTimeout(r, 10))
+      patchSeenEarly = requests('PATCH', /\/blobs\/uploads\//).length > 0
+      yield bytes.subarray(10_000)
+    })())
+    const stored = await uploadBlob(client, 'proto/streamed', source, { digest: digestOf(bytes), size: bytes.length }, { chunkSize: 64 << 10 })
+    expect(stored).toEqual({ digest: digestOf(bytes), size: bytes.length })
+    expect(patchSeenEarly).toBe(true)
+    expect(proxy.requests.filter((r) => r.path.includes('/blobs/uploads/')).map((r) => r.method)).toEqual(['POST', 'PATCH', 'PATCH', 'PATCH', 'PUT'])
+  })
+
   it('takes the digest from a hashing stream instead of hashing again, and stops a mismatch before the PUT', async () => {
     const client = new RegistryClient(proxy.host, { tlsVerify: false })
     const bytes = Buffer.alloc(150_000, 'h')
