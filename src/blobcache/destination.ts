@@ -12,7 +12,7 @@ import { type Digest, type DigestingStream, digestOf, digestingStream, parseDige
 import { errnoCode, isImageError } from '../errors.js'
 import { layerCompressionOf } from '../manifest.js'
 import type { BlobInfo, CallOptions, ImageDestination, LayerCompression, PutBlobOptions } from '../types.js'
-import { findBlob } from './directory.js'
+import { fileMatchesDigest, findBlob } from './directory.js'
 import { FILE_MODE, HIGH_WATER_MARK, atomicWriteFile, entryName, fileExists, removeQuietly, tempPath, touch } from './files.js'
 import type { BlobCache } from './reference.js'
 import type { Counters } from './stats.js'
@@ -121,6 +121,9 @@ export class BlobCacheDestination implements ImageDestination {
       return undefined
     }
     if (!found) return undefined
+    // putBlobFromFile trusts the file to match its digest; an entry damaged since it was named
+    // would be stored unverified, so it is hashed first (putBlob verifies the stream itself)
+    if (this.#inner.putBlobFromFile && !(await this.#intact(found.path, digest, found.name, opts))) return undefined
     const blob: BlobInfo = { ...info, digest, size: found.size }
     const putOpts: PutBlobOptions = { ...opts, isConfig: opts.isConfig || found.isConfig }
     try {
@@ -251,6 +254,19 @@ export class BlobCacheDestination implements ImageDestination {
     )
     this.#background.add(task)
     task.finally(() => this.#background.delete(task)).catch(() => {})
+  }
+
+  /** Whether a cached file still hashes to `digest`; a corrupt one is removed and counted. */
+  async #intact(path: string, digest: Digest, name: string, opts: CallOptions): Promise<boolean> {
+    try {
+      if (await fileMatchesDigest(path, digest, opts)) return true
+      await removeQuietly(path)
+      this.#error(`cached ${name} is corrupt; removed`, new Error('digest mismatch'))
+    } catch (err) {
+      if (opts.signal?.aborted) throw opts.signal.reason
+      this.#error(`hashing ${name}`, err)
+    }
+    return false
   }
 
   #error(what: string, err: unknown): void {

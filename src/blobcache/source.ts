@@ -5,13 +5,13 @@ import { open, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { type Readable, addAbortSignal, pipeline } from 'node:stream'
 import debug from 'debug'
-import { type Digest, digestAlgorithm, digestOf, parseDigest, verifyDigest } from '../digest.js'
+import { type Digest, digestAlgorithm, digestOf, isDigest, parseDigest, verifyDigest } from '../digest.js'
 import { errnoCode, isImageError } from '../errors.js'
-import { manifestLayerInfos, readManifest } from '../image.js'
+import { manifestLayerInfos, readConfig, readManifest } from '../image.js'
 import { MAX_MANIFEST_SIZE } from '../manifest.js'
 import { guessMediaType } from '../media-types.js'
 import type { BlobChunk, BlobInfo, CallOptions, ImageSource } from '../types.js'
-import { type FoundBlob, findBlob } from './directory.js'
+import { type FoundBlob, fileMatchesDigest, findBlob } from './directory.js'
 import { HIGH_WATER_MARK, READ_NOFOLLOW, fileSize, removeQuietly, touch } from './files.js'
 import { fileRanges, streamRanges } from './ranges.js'
 import type { BlobCache } from './reference.js'
@@ -120,12 +120,14 @@ export class BlobCacheSource implements ImageSource {
       if (m.kind !== 'image') return undefined
       layers = manifestLayerInfos(m.manifest)
     }
+    // a decompressed form must be the config's diff ID for that layer, not whatever a note says
+    const diffIDs = compress === 'decompress' ? await this.#diffIDs(instanceDigest, layers.length, opts) : []
     let changed = false
     const out: BlobInfo[] = []
-    for (const layer of layers) {
+    for (const [i, layer] of layers.entries()) {
       let sub: BlobInfo | undefined
       try {
-        sub = await substituteLayer(this.#dir, layer, compress, compressAlgorithm)
+        sub = await substituteLayer(this.#dir, layer, compress, compressAlgorithm, diffIDs[i])
       } catch (err) {
         this.#error(`reading the notes of ${layer.digest}`, err)
       }
@@ -163,7 +165,7 @@ export class BlobCacheSource implements ImageSource {
    */
   async getVerifiedBlobPath(info: BlobInfo, opts: CallOptions = {}): Promise<string | undefined> {
     const found = await this.#find(info)
-    if (found) {
+    if (found && (await this.#intact(found, opts))) {
       this.#counters.hit()
       this.#pathHits.add(found.name)
       await touch(found.path)
@@ -178,6 +180,41 @@ export class BlobCacheSource implements ImageSource {
     const c = this.#counters
     log('closed %s: %d hits, %d misses, %d errors', imageNameOf(this.reference), c.hits, c.misses, c.errors)
     await this.#inner.close()
+  }
+
+  /**
+   * The config's rootfs.diff_ids (read through the cache) when there is one per layer; [] when
+   * they cannot be read, and the notes alone then decide.
+   */
+  async #diffIDs(instanceDigest: Digest | undefined, count: number, opts: CallOptions): Promise<(Digest | undefined)[]> {
+    try {
+      const m = await readManifest(this.#inner, instanceDigest, opts)
+      if (m.kind !== 'image') return []
+      const config = JSON.parse((await readConfig(this, m.manifest, opts)).toString('utf8')) as { rootfs?: { diff_ids?: unknown } } | null
+      const ids = config?.rootfs?.diff_ids
+      return Array.isArray(ids) && ids.length === count && ids.every(isDigest) ? ids : []
+    } catch (err) {
+      if (opts.signal?.aborted) throw opts.signal.reason
+      log('no diff IDs for the substitution checks: %s', (err as Error).message)
+      return []
+    }
+  }
+
+  /**
+   * Whether a cached file still hashes to its name. A file handed out by path is copied as is
+   * (the reader trusts it), and an entry may have been damaged since it was verified and named:
+   * it is hashed first, and a corrupt one is removed (a miss).
+   */
+  async #intact(found: FoundBlob, opts: CallOptions): Promise<boolean> {
+    try {
+      if (await fileMatchesDigest(found.path, parseDigest(found.name.replace(/\.config$/, '')), opts)) return true
+      await removeQuietly(found.path)
+      this.#error(`cached ${found.name} is corrupt; removed`)
+    } catch (err) {
+      if (opts.signal?.aborted) throw opts.signal.reason
+      this.#error(`hashing ${found.name}`, err)
+    }
+    return false
   }
 
   async #find(info: BlobInfo): Promise<FoundBlob | undefined> {

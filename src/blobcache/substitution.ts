@@ -34,12 +34,19 @@ const DOCKER_LAYERS: readonly string[] = [MediaType.dockerLayer, MediaType.docke
  *
  * The substitute carries `compressionOperation` and `compressionAlgorithm`, so that a copy
  * rewrites the manifest. Errors reading the notes reject; the caller decides.
+ *
+ * Notes are hints that may be stale, foreign or damaged, and a wrong substitute would silently
+ * change the image: a variant is taken only when the notes agree in both directions (the
+ * variant's `.decompressed` names the layer; the decompressed form's `.compressed` lists the
+ * layer), and with `diffID` (the layer's entry in the config's rootfs.diff_ids) a decompressed
+ * form MUST be exactly that digest.
  */
 export async function substituteLayer(
   dir: string,
   info: BlobInfo,
   mode: LayerCompression,
   algorithm: CompressionAlgorithm,
+  diffID?: Digest,
 ): Promise<BlobInfo | undefined> {
   const digest = info.digest
   const mediaType = info.mediaType ?? ''
@@ -56,6 +63,7 @@ export async function substituteLayer(
     for (const [variant] of candidates) {
       const size = await fileSize(join(dir, variant))
       if (size === undefined) continue
+      if ((await readDecompressedNote(dir, variant)) !== digest) continue
       const out: BlobInfo = { ...info, digest: variant, size, compressionOperation: 'compress', compressionAlgorithm: algorithm }
       out.mediaType = docker ? MediaType.dockerLayerGzip : algorithm === 'gzip' ? MediaType.ociLayerGzip : MediaType.ociLayerZstd
       return out
@@ -65,6 +73,7 @@ export async function substituteLayer(
   if (docker) return undefined
   const uncompressed: Digest | undefined = await readDecompressedNote(dir, digest)
   if (!uncompressed) return undefined
+  if (diffID !== undefined ? uncompressed !== diffID : !(await readCompressedNote(dir, uncompressed)).has(digest)) return undefined
   const size = await fileSize(join(dir, uncompressed))
   if (size === undefined) return undefined
   const { compressionAlgorithm: _dropped, annotations, ...rest } = info

@@ -14,7 +14,7 @@ import { hasBlob, openVerifiedBlob, readManifestBlob, writeBlobBytes } from './b
 import { type GcOptions, type GcReport, collectGarbage, removeEverything, removeRoots, removeUnreferenced } from './gc.js'
 import { initLayout, readIndex, updateIndex } from './index-file.js'
 import { loadArchive, rootStillPresent } from './load.js'
-import type { FileLockOptions } from './lock.js'
+import type { FileLockOptions } from '../file-lock.js'
 import { mergeEntries } from './merge.js'
 import { findEntry, isNamed, withEntry } from './entries.js'
 import { type CacheName, REF_NAME, cacheName, entryName } from './names.js'

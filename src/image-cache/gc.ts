@@ -10,7 +10,7 @@ import { errnoCode } from '../errors.js'
 import type { Descriptor } from '../manifest.js'
 import { blobIntact, blobPath, reachableBlobs } from './blobs.js'
 import { emptyIndex, updateIndex } from './index-file.js'
-import type { FileLockOptions } from './lock.js'
+import type { FileLockOptions } from '../file-lock.js'
 import { entryName } from './names.js'
 import { ContentStore } from './store.js'
 

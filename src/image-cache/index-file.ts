@@ -8,7 +8,7 @@ import debug from 'debug'
 import { ImageError, errnoCode } from '../errors.js'
 import { type Descriptor, type ImageIndex, checkDescriptor } from '../manifest.js'
 import { MediaType } from '../media-types.js'
-import { type FileLockOptions, withFileLock } from './lock.js'
+import { type FileLockOptions, withFileLock } from '../file-lock.js'
 
 const log = debug('blobcache:image-cache:index-file')
 

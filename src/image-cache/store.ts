@@ -13,7 +13,7 @@ import { type Digest, digestFrom, digestOf, parseDigest } from '../digest.js'
 import { DigestMismatchError, ImageError, errnoCode } from '../errors.js'
 import { CHUNK, blobPath, openVerifiedBlob, reachableBlobs } from './blobs.js'
 import { updateIndex } from './index-file.js'
-import { lockAbandoned, tryFileLock } from './lock.js'
+import { lockAbandoned, tryFileLock } from '../file-lock.js'
 import { entryName } from './names.js'
 
 const log = debug('blobcache:image-cache:store')

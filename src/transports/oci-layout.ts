@@ -14,13 +14,15 @@
 // - `splitOciReference(s)` and `validateOciImageName(name)`: the reference syntax, for
 //   `oci-archive:/file.tar:name`.
 // - `readLayoutIndex(dir)`: index.json, every entry validated. `initLayout(dir)`: an empty layout.
-// - `withLayoutLock(dir, fn)`: serialises index.json updates within this process.
-import { rm } from 'node:fs/promises'
+// - `withLayoutLock(dir, fn)`: serialises index.json updates, within this process and across
+//   processes (the lock file `index.json.lock`, as ImageCache uses).
+import { rm, stat } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import { Readable } from 'node:stream'
 import debug from 'debug'
 import { type Digest, digestAlgorithm, digestHex, digestOf, parseDigest } from '../digest.js'
 import { DigestMismatchError, ImageError, errnoCode } from '../errors.js'
+import { withFileLock } from '../file-lock.js'
 import { type Descriptor, type ImageIndex, checkDescriptor, parseManifest } from '../manifest.js'
 import { MediaType, guessMediaType, isManifestMediaType } from '../media-types.js'
 import type {
@@ -242,11 +244,20 @@ async function checkLayoutFile(dir: string): Promise<void> {
 
 const locks = new Map<string, Promise<unknown>>()
 
-/** Runs `fn` after every earlier call for the same layout directory (in this process) settled. */
+/** The lock file serialising index.json updates across processes (the one ImageCache takes too). */
+const LAYOUT_LOCK_FILE = 'index.json.lock'
+
+/**
+ * Runs `fn` after every earlier call for the same layout directory (in this process) settled,
+ * holding the layout's cross-process lock file while it runs: two processes committing to one
+ * layout MUST NOT lose each other's index.json entries. A directory that does not exist yet has
+ * nothing to guard, so `fn` then runs under the in-process lock only.
+ */
 export async function withLayoutLock<T>(dir: string, fn: () => Promise<T>): Promise<T> {
   const key = resolve(dir)
   const previous = locks.get(key) ?? Promise.resolve()
-  const run = previous.catch(() => undefined).then(fn)
+  const locked = async () => ((await stat(key).then((s) => s.isDirectory(), () => false)) ? withFileLock(join(key, LAYOUT_LOCK_FILE), fn) : fn())
+  const run = previous.catch(() => undefined).then(locked)
   const settled = run.catch(() => undefined)
   locks.set(key, settled)
   try {

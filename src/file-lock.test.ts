@@ -5,8 +5,8 @@ import { hostname } from 'node:os'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { describe, expect, it, onTestFinished } from 'vitest'
-import { testDir } from '../../test/helpers/conformance.js'
-import { lockAbandoned, tryFileLock, withFileLock } from './lock.js'
+import { testDir } from '../test/helpers/conformance.js'
+import { lockAbandoned, tryFileLock, withFileLock } from './file-lock.js'
 
 const holder = (pid: number, time = Date.now()) => JSON.stringify({ host: hostname(), pid, token: 'theirs', time })
 

@@ -11,9 +11,9 @@ import { hostname } from 'node:os'
 import { resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import debug from 'debug'
-import { ImageError, errnoCode } from '../errors.js'
+import { ImageError, errnoCode } from './errors.js'
 
-const log = debug('blobcache:image-cache:lock')
+const log = debug('blobcache:file-lock')
 
 /** Options of {@link withFileLock}. */
 export interface FileLockOptions {
