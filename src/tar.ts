@@ -117,31 +117,34 @@ function joinInside(base: string[], target: string): string[] | undefined {
   return out
 }
 
-function parseNumber(b: Buffer, file: string, field: string): number {
+/** Reads a numeric header field (octal, or GNU base-256); `fail` makes the error for a bad one. */
+export function parseTarNumber(b: Buffer, field: string, fail: (msg: string) => Error): number {
   if (b[0] & 0x80) {
     // base-256 (GNU): big-endian two's complement with the top bit of the first byte set
-    if (b[0] === 0xff) throw invalid(file, `negative ${field}`)
+    if (b[0] === 0xff) throw fail(`negative ${field}`)
     let v = b[0] & 0x7f
     for (let i = 1; i < b.length; i++) {
       v = v * 256 + b[i]
-      if (!Number.isSafeInteger(v)) throw invalid(file, `${field} too large`)
+      if (!Number.isSafeInteger(v)) throw fail(`${field} too large`)
     }
     return v
   }
   const s = b.toString('latin1').replace(/[\0 ].*$/s, '').trim()
   if (s === '') return 0
-  if (!/^[0-7]+$/.test(s)) throw invalid(file, `bad ${field} field ${JSON.stringify(s)}`)
+  if (!/^[0-7]+$/.test(s)) throw fail(`bad ${field} field ${JSON.stringify(s)}`)
   const v = parseInt(s, 8)
-  if (!Number.isSafeInteger(v)) throw invalid(file, `${field} too large`)
+  if (!Number.isSafeInteger(v)) throw fail(`${field} too large`)
   return v
 }
 
-const cstring = (b: Buffer) => {
+/** A NUL-terminated header string. */
+export const tarCString = (b: Buffer) => {
   const z = b.indexOf(0)
   return b.toString('utf8', 0, z < 0 ? b.length : z)
 }
 
-function checksumOk(h: Buffer): boolean {
+/** Whether a 512-byte header's checksum matches (unsigned or signed sum, as tar writers differ). */
+export function tarChecksumOk(h: Buffer): boolean {
   const stored = parseInt(h.toString('latin1', 148, 156).replace(/[\0 ].*$/s, '').trim() || 'x', 8)
   let unsigned = 0
   let signed = 0
@@ -153,7 +156,8 @@ function checksumOk(h: Buffer): boolean {
   return stored === unsigned || stored === signed
 }
 
-function parsePax(data: Buffer, file: string): Map<string, string> {
+/** Parses pax extended-header records (`<len> key=value\n`); `fail` makes the error for a bad one. */
+export function parsePaxRecords(data: Buffer, fail: (msg: string) => Error): Map<string, string> {
   const out = new Map<string, string>()
   let pos = 0
   while (pos < data.length) {
@@ -161,11 +165,11 @@ function parsePax(data: Buffer, file: string): Map<string, string> {
     const sp = data.indexOf(0x20, pos)
     const len = sp < 0 ? NaN : Number(data.toString('latin1', pos, sp))
     if (!Number.isSafeInteger(len) || len <= sp - pos || pos + len > data.length || data[pos + len - 1] !== 0x0a) {
-      throw invalid(file, 'malformed pax record')
+      throw fail('malformed pax record')
     }
     const rec = data.toString('utf8', sp + 1, pos + len - 1)
     const eq = rec.indexOf('=')
-    if (eq <= 0) throw invalid(file, 'malformed pax record')
+    if (eq <= 0) throw fail('malformed pax record')
     out.set(rec.slice(0, eq), rec.slice(eq + 1))
     pos += len
   }
@@ -188,6 +192,7 @@ export async function openTarIndex(file: string, opts: { signal?: AbortSignal } 
   if (!st.isFile()) throw invalid(file, 'not a regular file')
   const fh = await openFile(file, 'r')
   const entries = new Map<string, TarEntry>()
+  const fail = (msg: string) => invalid(file, msg)
   try {
     const readAt = async (pos: number, len: number): Promise<Buffer> => {
       const buf = Buffer.alloc(len)
@@ -205,17 +210,17 @@ export async function openTarIndex(file: string, opts: { signal?: AbortSignal } 
       if (pos + BLOCK > st.size) throw invalid(file, `truncated header at offset ${pos}`)
       const h = await readAt(pos, BLOCK)
       if (h.every((b) => b === 0)) break
-      if (!checksumOk(h)) throw invalid(file, `bad header checksum at offset ${pos}`)
+      if (!tarChecksumOk(h)) throw invalid(file, `bad header checksum at offset ${pos}`)
       const flag = String.fromCharCode(h[156])
-      let size = parseNumber(h.subarray(124, 136), file, 'size')
+      let size = parseTarNumber(h.subarray(124, 136), 'size', fail)
       const offset = pos + BLOCK
       if (flag === 'x' || flag === 'g' || flag === 'L' || flag === 'K') {
         if (size > MAX_META) throw invalid(file, `${flag} record of ${size} bytes is too large`)
         if (offset + size > st.size) throw invalid(file, `data of a ${flag} record runs past the end of the file`)
         const data = await readAt(offset, size)
-        if (flag === 'x') pax = parsePax(data, file)
-        else if (flag === 'L') longName = cstring(data)
-        else if (flag === 'K') longLink = cstring(data)
+        if (flag === 'x') pax = parsePaxRecords(data, fail)
+        else if (flag === 'L') longName = tarCString(data)
+        else if (flag === 'K') longLink = tarCString(data)
         pos = offset + Math.ceil(size / BLOCK) * BLOCK
         continue
       }
@@ -228,11 +233,11 @@ export async function openTarIndex(file: string, opts: { signal?: AbortSignal } 
       const magic = h.toString('latin1', 257, 263)
       let name = pax.get('path') ?? longName
       if (name === undefined) {
-        name = cstring(h.subarray(0, 100))
-        const prefix = magic === 'ustar\0' ? cstring(h.subarray(345, 500)) : ''
+        name = tarCString(h.subarray(0, 100))
+        const prefix = magic === 'ustar\0' ? tarCString(h.subarray(345, 500)) : ''
         if (prefix) name = `${prefix}/${name}`
       }
-      const linkname = pax.get('linkpath') ?? longLink ?? cstring(h.subarray(157, 257))
+      const linkname = pax.get('linkpath') ?? longLink ?? tarCString(h.subarray(157, 257))
       const paxMtime = pax.get('mtime')
       pax = new Map()
       longName = longLink = undefined
@@ -246,8 +251,8 @@ export async function openTarIndex(file: string, opts: { signal?: AbortSignal } 
       const key = parts.join('/') + (type === 'dir' ? '/' : '')
       const entry: TarEntry = {
         path: key, type, size, offset,
-        mode: parseNumber(h.subarray(100, 108), file, 'mode') & 0o7777,
-        mtime: paxMtime !== undefined ? Math.floor(Number(paxMtime)) || 0 : parseNumber(h.subarray(136, 148), file, 'mtime'),
+        mode: parseTarNumber(h.subarray(100, 108), 'mode', fail) & 0o7777,
+        mtime: paxMtime !== undefined ? Math.floor(Number(paxMtime)) || 0 : parseTarNumber(h.subarray(136, 148), 'mtime', fail),
       }
       if (type === 'symlink' || type === 'hardlink') entry.linkname = linkname
       entries.delete(type === 'dir' ? key.slice(0, -1) : key + '/') // last one wins, also across types

@@ -5,6 +5,7 @@
 // its raw header blocks, so a filter can copy entries through unchanged.
 import type { Readable } from 'node:stream'
 import { ImageError } from '../errors.js'
+import { parsePaxRecords, parseTarNumber, tarCString, tarChecksumOk } from '../tar.js'
 
 const BLOCK = 512
 /** Largest pax or GNU long-name record accepted. */
@@ -91,53 +92,6 @@ class ByteReader {
   }
 }
 
-function parseNumber(b: Buffer, field: string): number {
-  if (b[0] & 0x80) {
-    if (b[0] === 0xff) throw invalid(`negative ${field}`)
-    let v = b[0] & 0x7f
-    for (let i = 1; i < b.length; i++) v = v * 256 + b[i]
-    if (!Number.isSafeInteger(v)) throw invalid(`${field} too large`)
-    return v
-  }
-  const s = b.toString('latin1').replace(/[\0 ].*$/s, '').trim()
-  if (s === '') return 0
-  if (!/^[0-7]+$/.test(s)) throw invalid(`bad ${field} field ${JSON.stringify(s)}`)
-  return parseInt(s, 8)
-}
-
-const cstring = (b: Buffer) => {
-  const z = b.indexOf(0)
-  return b.toString('utf8', 0, z < 0 ? b.length : z)
-}
-
-function checksumOk(h: Buffer): boolean {
-  const stored = parseInt(h.toString('latin1', 148, 156).replace(/[\0 ].*$/s, '').trim() || 'x', 8)
-  let unsigned = 0
-  let signed = 0
-  for (let i = 0; i < BLOCK; i++) {
-    const c = i >= 148 && i < 156 ? 0x20 : h[i]
-    unsigned += c
-    signed += c > 127 ? c - 256 : c
-  }
-  return stored === unsigned || stored === signed
-}
-
-function parsePax(data: Buffer): Map<string, string> {
-  const out = new Map<string, string>()
-  let pos = 0
-  while (pos < data.length && data[pos] !== 0) {
-    const sp = data.indexOf(0x20, pos)
-    const len = sp < 0 ? NaN : Number(data.toString('latin1', pos, sp))
-    if (!Number.isSafeInteger(len) || len <= sp - pos || pos + len > data.length) throw invalid('malformed pax record')
-    const rec = data.toString('utf8', sp + 1, pos + len - 1)
-    const eq = rec.indexOf('=')
-    if (eq <= 0) throw invalid('malformed pax record')
-    out.set(rec.slice(0, eq), rec.slice(eq + 1))
-    pos += len
-  }
-  return out
-}
-
 const TYPES: Record<string, StreamEntryType> = { '0': 'file', '\0': 'file', '7': 'file', '1': 'hardlink', '2': 'symlink', '5': 'dir' }
 const HEADER_ONLY = new Set(['1', '2', '3', '4', '5', '6'])
 
@@ -178,17 +132,17 @@ export async function readTarStream(
         while ((await reader.piece(1 << 20)).length > 0) opts.signal?.throwIfAborted()
         return
       }
-      if (!checksumOk(h)) throw invalid(`bad header checksum at byte ${at}`)
+      if (!tarChecksumOk(h)) throw invalid(`bad header checksum at byte ${at}`)
       const flag = String.fromCharCode(h[156])
-      let size = parseNumber(h.subarray(124, 136), 'size')
+      let size = parseTarNumber(h.subarray(124, 136), 'size', invalid)
       if (flag === 'x' || flag === 'g' || flag === 'L' || flag === 'K') {
         if (size > MAX_META) throw invalid(`a ${flag} record of ${size} bytes is too large`)
         const data = await reader.read(size + padTo(size))
         if (data.length < size + padTo(size)) throw invalid('the stream ends inside a header record')
         const body = data.subarray(0, size)
-        if (flag === 'x') pax = parsePax(body)
-        else if (flag === 'L') longName = cstring(body)
-        else if (flag === 'K') longLink = cstring(body)
+        if (flag === 'x') pax = parsePaxRecords(body, invalid)
+        else if (flag === 'L') longName = tarCString(body)
+        else if (flag === 'K') longLink = tarCString(body)
         if (flag !== 'g') pending.push(Buffer.from(h), Buffer.from(data))
         continue
       }
@@ -199,8 +153,8 @@ export async function readTarStream(
       if (HEADER_ONLY.has(flag)) size = 0
       let rawPath = pax.get('path') ?? longName
       if (rawPath === undefined) {
-        rawPath = cstring(h.subarray(0, 100))
-        const prefix = h.toString('latin1', 257, 263) === 'ustar\0' ? cstring(h.subarray(345, 500)) : ''
+        rawPath = tarCString(h.subarray(0, 100))
+        const prefix = h.toString('latin1', 257, 263) === 'ustar\0' ? tarCString(h.subarray(345, 500)) : ''
         if (prefix) rawPath = `${prefix}/${rawPath}`
       }
       let type = TYPES[flag] ?? 'other'
@@ -208,8 +162,8 @@ export async function readTarStream(
       const { path, unsafe } = normalizeTarPath(rawPath)
       const entry: StreamEntry = {
         path, rawPath, type, typeflag: flag, size, unsafe,
-        linkname: pax.get('linkpath') ?? longLink ?? cstring(h.subarray(157, 257)),
-        mode: parseNumber(h.subarray(100, 108), 'mode') & 0o7777,
+        linkname: pax.get('linkpath') ?? longLink ?? tarCString(h.subarray(157, 257)),
+        mode: parseTarNumber(h.subarray(100, 108), 'mode', invalid) & 0o7777,
         headers: [...pending, Buffer.from(h)],
       }
       pax = new Map()
