@@ -24,6 +24,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { ensureOciImage } from './make-image.mjs'
+import { freePort, which, median, round3, log, usage } from './util.mjs'
 
 const MiB = 1 << 20
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
@@ -254,37 +255,8 @@ function status(url) {
   })
 }
 
-function freePort() {
-  return new Promise((resolvePromise, reject) => {
-    const server = createServer()
-    server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => {
-      const { port: p } = server.address()
-      server.close(() => resolvePromise(p))
-    })
-  })
-}
 
-function which(name) {
-  for (const d of (process.env.PATH ?? '').split(':')) if (d && existsSync(join(d, name))) return join(d, name)
-  return undefined
-}
 
-function median(xs) {
-  const s = [...xs].sort((x, y) => x - y)
-  const m = s.length >> 1
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2
-}
 
-function round3(x) {
-  return x === null || x === undefined ? null : Math.round(x * 1000) / 1000
-}
 
-function log(msg) {
-  console.log(`bench: ${msg}`)
-}
 
-function usage(msg) {
-  console.error(`bench: ${msg}`)
-  process.exit(2)
-}

@@ -17,6 +17,7 @@ import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { ensureDirImage, ensureOciImage } from './make-image.mjs'
+import { which, median, round3, log, usage } from './util.mjs'
 
 const MiB = 1 << 20
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
@@ -313,30 +314,11 @@ function splitCase(name) {
   return [name.slice(0, i), name.slice(i + 1)]
 }
 
-function which(name) {
-  for (const d of (process.env.PATH ?? '').split(':')) if (d && existsSync(join(d, name))) return join(d, name)
-  return undefined
-}
 
-function median(xs) {
-  const s = [...xs].sort((x, y) => x - y)
-  const m = s.length >> 1
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2
-}
 
-function round3(x) {
-  return x === null || x === undefined ? null : Math.round(x * 1000) / 1000
-}
 
 function fmtMiB(r) {
   return r ? `${r.mib.toFixed(1).padStart(7)} MiB in ${r.seconds.toFixed(2)} s` : 'error'
 }
 
-function log(msg) {
-  console.log(`bench: ${msg}`)
-}
 
-function usage(msg) {
-  console.error(`bench: ${msg}`)
-  process.exit(2)
-}
