@@ -28,6 +28,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { ensureOciImage } from './make-image.mjs'
+import { freePort, which, median, round3, log, usage } from './util.mjs'
 
 const MiB = 1 << 20
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
@@ -97,7 +98,6 @@ const theirs = ['skopeo', ['--policy', policy, 'copy', '-q', '--src-tls-verify=f
 const inProcess = join(work, 'in-process.mjs')
 writeFileSync(inProcess, `
 import { ImageCache } from ${JSON.stringify(LIB)}
-import { freePort, which, median, round3, log, usage } from './util.mjs'
 const cache = await ImageCache.open(process.argv[2], { registry: { tlsVerify: false } })
 const t0 = performance.now()
 await cache.imagePull(process.argv[3], { platforms: ['linux/amd64'] })
