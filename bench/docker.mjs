@@ -24,7 +24,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { ensureOciImage } from './make-image.mjs'
-import { freePort, which, median, round3, log, usage } from './util.mjs'
+import { benchRegistry, which, median, round3, log, usage } from './util.mjs'
 
 const MiB = 1 << 20
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
@@ -57,7 +57,7 @@ const policy = join(work, 'policy.json')
 writeFileSync(policy, JSON.stringify({ default: [{ type: 'insecureAcceptAnything' }] }))
 let registry
 process.on('exit', () => {
-  if (registry?.exitCode === null) registry.kill('SIGKILL')
+  registry?.killNow()
   execFileSync('rm', ['-rf', work])
 })
 process.on('SIGINT', () => process.exit(130))
@@ -70,34 +70,10 @@ log(`preparing the image in ${cacheDir} (first run only: a few minutes)`)
 const meta = await ensureOciImage(base, { layers: 4, layerBytes: 64 * MiB, randomShare: 0.5, level: 6 })
 log(`image: 4 layers x 64 MiB content, gzip: ${(meta.blobBytes / MiB).toFixed(1)} MiB of blobs`)
 
-const port = await freePort()
-const host = `127.0.0.1:${port}`
-const storage = join(work, 'storage')
-const config = join(work, 'config.yml')
-await writeFile(
-  config,
-  `version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: ${storage}\n` +
-    `  delete:\n    enabled: true\nhttp:\n  addr: ${host}\n  secret: blobcache-bench\n`,
-)
-
-/** (Re)starts the registry, with empty storage when `wipe`. */
-async function startRegistry(wipe) {
-  await stopRegistry()
-  if (wipe) await rm(storage, { recursive: true, force: true })
-  registry = spawn('docker-registry', ['serve', config], { stdio: 'ignore' })
-  for (let i = 0; i < 200; i++) {
-    if ((await status(`http://${host}/v2/`)) === 200) return
-    await sleep(25)
-  }
-  throw new Error('docker-registry did not start')
-}
-
-async function stopRegistry() {
-  if (!registry || registry.exitCode !== null) return
-  const exited = new Promise((r) => registry.once('exit', r))
-  registry.kill('SIGTERM')
-  await exited
-}
+registry = await benchRegistry(work)
+const { host } = registry
+const startRegistry = (wipe) => registry.start(wipe)
+const stopRegistry = () => registry.stop()
 
 // ---- cases -----------------------------------------------------------------------------------
 const src = `oci:${base}:latest`
@@ -244,16 +220,6 @@ function exec(cmd, args) {
   })
 }
 
-function status(url) {
-  return new Promise((resolvePromise) => {
-    const req = request(url, (res) => {
-      res.resume()
-      resolvePromise(res.statusCode)
-    })
-    req.on('error', () => resolvePromise(0))
-    req.end()
-  })
-}
 
 
 

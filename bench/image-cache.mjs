@@ -28,7 +28,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { ensureOciImage } from './make-image.mjs'
-import { freePort, which, median, round3, log, usage } from './util.mjs'
+import { benchRegistry, which, median, round3, log, usage } from './util.mjs'
 
 const MiB = 1 << 20
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
@@ -61,7 +61,7 @@ writeFileSync(policy, JSON.stringify({ default: [{ type: 'insecureAcceptAnything
 let registry
 let proxy
 process.on('exit', () => {
-  if (registry?.exitCode === null) registry.kill('SIGKILL')
+  registry?.killNow()
   execFileSync('rm', ['-rf', work])
 })
 process.on('SIGINT', () => process.exit(130))
@@ -74,16 +74,9 @@ log(`preparing the image in ${cacheDir} (first run only: a few minutes)`)
 const meta = await ensureOciImage(base, { layers: 4, layerBytes: 64 * MiB, randomShare: 0.5, level: 6 })
 log(`image: 4 layers x 64 MiB content, gzip: ${(meta.blobBytes / MiB).toFixed(1)} MiB of blobs`)
 
-const port = await freePort()
-const host = `127.0.0.1:${port}`
-const config = join(work, 'config.yml')
-await writeFile(
-  config,
-  `version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: ${join(work, 'storage')}\n` +
-    `  delete:\n    enabled: true\nhttp:\n  addr: ${host}\n  secret: blobcache-bench\n`,
-)
-registry = spawn('docker-registry', ['serve', config], { stdio: 'ignore' })
-await waitFor(`http://${host}/v2/`)
+registry = await benchRegistry(work)
+await registry.start()
+const { host } = registry
 const image = `${host}/bench/app:latest`
 const seeded = await exec('skopeo', ['--policy', policy, 'copy', '-q', '--dest-tls-verify=false', `oci:${base}:latest`, `docker://${image}`])
 if (seeded.code !== 0) throw new Error(`seeding the registry failed: ${seeded.stderr}`)
@@ -152,7 +145,7 @@ const againOk = again.total === 0
 const alwaysOk = always.manifests === 1 && always.blobs === 0
 if (!againOk || !alwaysOk) failed = true
 proxy.server.close()
-registry.kill('SIGTERM')
+await registry.stop()
 
 printTable(results)
 const out = join(ROOT, 'bench', 'image-cache-results.json')
@@ -239,21 +232,6 @@ function exec(cmd, args) {
   })
 }
 
-async function waitFor(url) {
-  for (let i = 0; i < 400; i++) {
-    const status = await new Promise((r) => {
-      const req = request(url, (res) => {
-        res.resume()
-        r(res.statusCode)
-      })
-      req.on('error', () => r(0))
-      req.end()
-    })
-    if (status === 200) return
-    await sleep(25)
-  }
-  throw new Error('docker-registry did not start')
-}
 
 
 
