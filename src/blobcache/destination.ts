@@ -1,7 +1,8 @@
 // The write side of BlobCache: blobs written to the wrapped destination are teed into the cache
 // (verified before they are named), compressed layers are decompressed alongside, manifests are
 // stored under their digest, and tryReusingBlob can supply a blob the wrapped destination lacks
-// from the cache.
+// from the cache (or from the shared tier). Every entry stored or found here is also queued for
+// the shared tier, when the cache has one.
 import { createReadStream } from 'node:fs'
 import { lstat, open } from 'node:fs/promises'
 import { join } from 'node:path'
@@ -24,6 +25,9 @@ const log = debug('blobcache:blobcache:destination')
 /**
  * An image destination that writes through a {@link BlobCache}. Every failure of the cache is
  * logged and counted, never thrown: the wrapped destination's outcome is the call's outcome.
+ * With a shared tier, each entry it stores or finds already cached (blobs, decompressed forms,
+ * compressed variants, manifests) is queued for upload there (write-behind; see
+ * {@link BlobCache.flush}).
  */
 export class BlobCacheDestination implements ImageDestination {
   readonly #inner: ImageDestination
@@ -86,6 +90,7 @@ export class BlobCacheDestination implements ImageDestination {
     const name = entryName(digest, opts.isConfig)
     if (await this.#isCached(name, info.size)) {
       const result = await this.#inner.putBlob(stream, info, opts)
+      this.reference.share(name, { fromInner: true })
       this.#ensureVariant(digest, info, opts)
       return result
     }
@@ -99,15 +104,16 @@ export class BlobCacheDestination implements ImageDestination {
       await tee.settle(false)
       throw err
     }
-    this.#afterStore(digest, info, opts, await tee.settle(true))
+    this.#afterStore(digest, name, info, opts, await tee.settle(true))
     return result
   }
 
   /**
    * Asks the wrapped destination first; if it lacks the blob and the cache has it (of the right
-   * size), stores the cached file there (with putBlobFromFile when it has one) and resolves what
-   * it stored. A failure to do so is counted and resolves undefined, so the copy goes on as
-   * usual; an entry the wrapped destination finds corrupt is removed.
+   * size), or else the shared tier has it (fetched into the cache, verified), stores the cached
+   * file there (with putBlobFromFile when it has one) and resolves what it stored. A failure to
+   * do so is counted and resolves undefined, so the copy goes on as usual; an entry the wrapped
+   * destination finds corrupt is removed.
    */
   async tryReusingBlob(info: BlobInfo, opts: PutBlobOptions = {}): Promise<BlobInfo | undefined> {
     const reused = await this.#inner.tryReusingBlob(info, opts)
@@ -120,10 +126,12 @@ export class BlobCacheDestination implements ImageDestination {
       this.#error(`looking up ${digest}`, err)
       return undefined
     }
-    if (!found) return undefined
     // putBlobFromFile trusts the file to match its digest; an entry damaged since it was named
-    // would be stored unverified, so it is hashed first (putBlob verifies the stream itself)
-    if (this.#inner.putBlobFromFile && !(await this.#intact(found.path, digest, found.name, opts))) return undefined
+    // would be stored unverified, so it is hashed first (putBlob verifies the stream itself).
+    // A blob just fetched from the shared tier was verified as it was written.
+    if (found && this.#inner.putBlobFromFile && !(await this.#intact(found.path, digest, found.name, opts))) found = undefined
+    if (!found) found = await this.#fetchShared(digest, info.size, opts)
+    if (!found) return undefined
     const blob: BlobInfo = { ...info, digest, size: found.size }
     const putOpts: PutBlobOptions = { ...opts, isConfig: opts.isConfig || found.isConfig }
     try {
@@ -133,6 +141,7 @@ export class BlobCacheDestination implements ImageDestination {
       this.#counters.hit()
       await touch(found.path)
       log('reused %s from the cache', digest)
+      this.reference.share(found.name, { fromInner: true })
       if (!found.isConfig) this.#ensureVariant(digest, info, putOpts)
       return result
     } catch (err) {
@@ -143,12 +152,16 @@ export class BlobCacheDestination implements ImageDestination {
     }
   }
 
-  /** Stores the manifest as `<sha256 of bytes>` in the cache (best effort), then forwards it. */
+  /**
+   * Stores the manifest as `<sha256 of bytes>` in the cache (best effort) and queues it for the
+   * shared tier, then forwards it.
+   */
   async putManifest(bytes: Buffer, instanceDigest?: Digest, opts?: CallOptions): Promise<void> {
     const digest = digestOf(bytes)
     try {
       const path = join(this.#dir, digest)
       if (!(await fileExists(path))) await atomicWriteFile(path, bytes)
+      this.reference.share(digest, { kind: 'manifest' })
     } catch (err) {
       this.#error(`storing manifest ${digest}`, err)
     }
@@ -173,6 +186,7 @@ export class BlobCacheDestination implements ImageDestination {
     const name = entryName(digest, opts.isConfig)
     if (await this.#isCached(name, info.size)) {
       const result = await inner(path, info, opts)
+      this.reference.share(name, { fromInner: true })
       this.#ensureVariant(digest, info, opts)
       return result
     }
@@ -192,7 +206,7 @@ export class BlobCacheDestination implements ImageDestination {
       await tee.settle(false)
       throw err
     }
-    this.#afterStore(digest, info, opts, await tee.settle(await feeding))
+    this.#afterStore(digest, name, info, opts, await tee.settle(await feeding))
     return result
   }
 
@@ -235,9 +249,28 @@ export class BlobCacheDestination implements ImageDestination {
     }
   }
 
-  /** In `compress` mode, starts making the compressed variant of a newly cached uncompressed layer. */
-  #afterStore(digest: Digest, info: BlobInfo, opts: PutBlobOptions, outcome: TeeOutcome): void {
+  /**
+   * Queues a newly cached entry and its decompressed form (with their notes, written by now)
+   * for the shared tier; in `compress` mode, starts making the compressed variant of a newly
+   * cached uncompressed layer.
+   */
+  #afterStore(digest: Digest, name: string, info: BlobInfo, opts: PutBlobOptions, outcome: TeeOutcome): void {
+    if (outcome.stored) this.reference.share(name, { fromInner: true })
+    if (outcome.decompressed) this.reference.share(outcome.decompressed)
     if (outcome.stored && outcome.algorithm === null) this.#ensureVariant(digest, info, opts)
+  }
+
+  /** The blob fetched from the shared tier into the cache (verified), or undefined. Rejects only when aborted. */
+  async #fetchShared(digest: Digest, size: number, opts: CallOptions): Promise<{ path: string; name: string; size: number; isConfig: boolean } | undefined> {
+    const tier = this.reference.shared
+    if (!tier) return undefined
+    try {
+      return await tier.fetchInto(this.#dir, digest, size, opts.signal)
+    } catch (err) {
+      if (opts.signal?.aborted) throw opts.signal.reason
+      this.#error(`fetching ${digest} from the shared tier`, err)
+      return undefined
+    }
   }
 
   /**
@@ -249,9 +282,15 @@ export class BlobCacheDestination implements ImageDestination {
     const { compress, compressAlgorithm } = this.reference
     if (compress !== 'compress' || opts.isConfig) return
     if (info.mediaType !== undefined && layerCompressionOf(info.mediaType) !== null) return
-    const task = this.reference.runInBackground(() =>
-      makeCompressedVariant(this.#dir, digest, compressAlgorithm, (what, err) => this.#error(what, err)),
-    )
+    const task = this.reference.runInBackground(async () => {
+      const variant = await makeCompressedVariant(this.#dir, digest, compressAlgorithm, (what, err) => this.#error(what, err))
+      if (variant) {
+        // the variant with its `.decompressed` note, and the layer again: its `.compressed` note grew
+        this.reference.share(variant)
+        this.reference.share(digest)
+      }
+      return variant
+    })
     this.#background.add(task)
     task.finally(() => this.#background.delete(task)).catch(() => {})
   }

@@ -1,6 +1,7 @@
 // The read side of BlobCache: manifests and blobs come from the cache directory when it has
-// them and from the wrapped source otherwise; layerInfosForCopy offers cached variants of
-// layers; getBlobAt and getVerifiedBlobPath serve cached files directly.
+// them, then from the shared tier when there is one (fetched into the directory, verified), and
+// from the wrapped source otherwise; layerInfosForCopy offers cached variants of layers;
+// getBlobAt and getVerifiedBlobPath serve cached files directly.
 import { open, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { type Readable, addAbortSignal, pipeline } from 'node:stream'
@@ -15,19 +16,30 @@ import { type FoundBlob, fileMatchesDigest, findBlob } from './directory.js'
 import { HIGH_WATER_MARK, READ_NOFOLLOW, fileSize, removeQuietly, touch } from './files.js'
 import { fileRanges, streamRanges } from './ranges.js'
 import type { BlobCache } from './reference.js'
+import type { SharedTier } from './shared/tier.js'
 import type { Counters } from './stats.js'
-import { substituteLayer } from './substitution.js'
+import { type SubstitutionView, substituteLayer, tieredView } from './substitution.js'
 
 const log = debug('blobcache:blobcache:source')
+
+/** Tier-only substitutes fetched into the directory at once by layerInfosForCopy. */
+const PREFETCH_CONCURRENCY = 4
+
+/** A blob fetched from the shared tier into the cache directory (verified). */
+type Fetched = { path: string; name: string; size: number }
 
 /**
  * An image source that reads through a {@link BlobCache}. A cache failure is logged, counted
  * and falls through to the wrapped source; it never fails a read the wrapped source can serve.
+ * With a shared tier, a local miss is looked up there before the wrapped source is asked; a
+ * blob found there is verified while it is written into the directory, then served from it
+ * (counted as a hit).
  */
 export class BlobCacheSource implements ImageSource {
   readonly #inner: ImageSource
   readonly #counters: Counters
   readonly #dir: string
+  readonly #tier: SharedTier | undefined
   /** Hits already counted by getVerifiedBlobPath, so that a getBlob that follows is not counted twice. */
   readonly #pathHits = new Set<string>()
 
@@ -39,6 +51,7 @@ export class BlobCacheSource implements ImageSource {
     this.#inner = inner
     this.#counters = counters
     this.#dir = reference.directory
+    this.#tier = reference.shared
   }
 
   /** The wrapped source. */
@@ -47,21 +60,24 @@ export class BlobCacheSource implements ImageSource {
   }
 
   /**
-   * With `instanceDigest`, returns the cached `<digest>` when its bytes hash to it (a hit);
-   * otherwise (a miss) asks the wrapped source. The top-level manifest always comes from the
-   * wrapped source.
+   * With `instanceDigest`, returns the cached `<digest>` when its bytes hash to it (a hit), or
+   * the shared tier's copy (fetched into the directory; a hit); otherwise (a miss) asks the
+   * wrapped source. The top-level manifest always comes from the wrapped source.
    */
   async getManifest(instanceDigest?: Digest, opts: CallOptions = {}): Promise<{ bytes: Buffer; mediaType: string }> {
     if (instanceDigest) {
       const digest = parseDigest(instanceDigest)
       const path = join(this.#dir, digest)
+      let absent = false
       try {
         const size = await fileSize(path)
+        absent = size === undefined
         if (size !== undefined && size <= MAX_MANIFEST_SIZE) {
           const bytes = await readFile(path, { signal: opts.signal, flag: READ_NOFOLLOW })
           const mediaType = guessMediaType(bytes)
           if (digestOf(bytes, digestAlgorithm(digest)) !== digest) {
             await removeQuietly(path)
+            absent = true
             this.#error(`cached manifest ${digest} is corrupt; removed`)
           } else if (mediaType !== '') {
             this.#counters.hit()
@@ -74,6 +90,10 @@ export class BlobCacheSource implements ImageSource {
         if (opts.signal?.aborted) throw opts.signal.reason
         this.#error(`reading cached manifest ${digest}`, err)
       }
+      if (absent && this.#tier) {
+        const shared = await this.#sharedManifest(digest, opts)
+        if (shared) return shared
+      }
     }
     this.#counters.miss()
     return this.#inner.getManifest(instanceDigest, opts)
@@ -83,13 +103,19 @@ export class BlobCacheSource implements ImageSource {
    * Serves a cached blob (a hit) when its size matches `info.size` (or that is -1), else asks the
    * wrapped source (a miss). A cached stream is re-hashed as it is read: should the file have
    * been corrupted since it was written, the stream fails `DIGEST_INVALID` and the entry is
-   * removed, so corrupt bytes never pass for the blob.
+   * removed, so corrupt bytes never pass for the blob. A local miss is looked up in the shared
+   * tier, whose blob is verified as it is fetched into the directory and then served from there.
    */
   async getBlob(info: BlobInfo, opts: CallOptions = {}): Promise<{ stream: Readable; size: number }> {
     opts.signal?.throwIfAborted()
     const found = await this.#find(info)
     if (found && info.digest) {
       const served = await this.#openCached(found, info, opts)
+      if (served) return served
+    }
+    const fetched = await this.#fetchShared(info, opts)
+    if (fetched) {
+      const served = await this.#openFetched(fetched, opts)
       if (served) return served
     }
     this.#counters.miss()
@@ -122,21 +148,26 @@ export class BlobCacheSource implements ImageSource {
     }
     // a decompressed form must be the config's diff ID for that layer, not whatever a note says
     const diffIDs = compress === 'decompress' ? await this.#diffIDs(instanceDigest, layers.length, opts) : []
-    let changed = false
-    const out: BlobInfo[] = []
+    const view: string | SubstitutionView = this.#tier ? tieredView(this.#dir, this.#tier, opts.signal) : this.#dir
+    const subs: (BlobInfo | undefined)[] = []
     for (const [i, layer] of layers.entries()) {
-      let sub: BlobInfo | undefined
       try {
-        sub = await substituteLayer(this.#dir, layer, compress, compressAlgorithm, diffIDs[i])
+        subs.push(await substituteLayer(view, layer, compress, compressAlgorithm, diffIDs[i]))
       } catch (err) {
+        if (opts.signal?.aborted) throw opts.signal.reason
         this.#error(`reading the notes of ${layer.digest}`, err)
+        subs.push(undefined)
       }
-      if (sub) {
-        log('substituting %s for %s (%s)', sub.digest, layer.digest, compress)
-        changed = true
-      }
-      out.push(sub ?? layer)
     }
+    if (this.#tier) await this.#prefetch(subs, opts)
+    let changed = false
+    const out = layers.map((layer, i) => {
+      const sub = subs[i]
+      if (!sub) return layer
+      log('substituting %s for %s (%s)', sub.digest, layer.digest, compress)
+      changed = true
+      return sub
+    })
     return changed ? out : base
   }
 
@@ -146,7 +177,7 @@ export class BlobCacheSource implements ImageSource {
    * used, or, where it has none, the ranges are cut from its getBlob stream.
    */
   async *getBlobAt(info: BlobInfo, chunks: BlobChunk[], opts: CallOptions = {}): AsyncGenerator<Readable> {
-    const found = await this.#find(info)
+    const found = (await this.#find(info)) ?? (await this.#fetchShared(info, opts))
     if (found) {
       this.#counters.hit()
       await touch(found.path)
@@ -160,17 +191,19 @@ export class BlobCacheSource implements ImageSource {
 
   /**
    * The path of the cached file of a blob (a hit), whose bytes were verified when it was
-   * written, so it may be copied with `fs.copyFile`; else the wrapped source's answer. The path
-   * MUST only be read: it is the cache entry itself.
+   * written, so it may be copied with `fs.copyFile`; else, with a shared tier, the file just
+   * fetched (and verified) from it; else the wrapped source's answer. The path MUST only be
+   * read: it is the cache entry itself.
    */
   async getVerifiedBlobPath(info: BlobInfo, opts: CallOptions = {}): Promise<string | undefined> {
     const found = await this.#find(info)
-    if (found && (await this.#intact(found, opts))) {
+    const usable = found && (await this.#intact(found, opts)) ? found : await this.#fetchShared(info, opts)
+    if (usable) {
       this.#counters.hit()
-      this.#pathHits.add(found.name)
-      await touch(found.path)
-      log('verified path of %s: %s', info.digest, found.path)
-      return found.path
+      this.#pathHits.add(usable.name)
+      await touch(usable.path)
+      log('verified path of %s: %s', info.digest, usable.path)
+      return usable.path
     }
     return this.#inner.getVerifiedBlobPath?.(info, opts)
   }
@@ -198,6 +231,79 @@ export class BlobCacheSource implements ImageSource {
       log('no diff IDs for the substitution checks: %s', (err as Error).message)
       return []
     }
+  }
+
+  /**
+   * The blob fetched from the shared tier into the directory (verified, with `info.size` when
+   * that is known), or undefined: no tier, no digest, not in the tier, or the tier failed
+   * (the tier counts and reports that). Rejects only when aborted.
+   */
+  async #fetchShared(info: BlobInfo, opts: CallOptions): Promise<Fetched | undefined> {
+    if (!this.#tier || !info.digest) return undefined
+    const digest = parseDigest(info.digest)
+    try {
+      const fetched = await this.#tier.fetchInto(this.#dir, digest, info.size, opts.signal)
+      if (fetched) log('%s fetched from the shared tier (%d bytes)', digest, fetched.size)
+      return fetched
+    } catch (err) {
+      if (opts.signal?.aborted) throw opts.signal.reason
+      this.#error(`fetching ${digest} from the shared tier`, err)
+      return undefined
+    }
+  }
+
+  /** Opens a blob just fetched (and verified) from the tier; undefined if it is gone already. */
+  async #openFetched(fetched: Fetched, opts: CallOptions): Promise<{ stream: Readable; size: number } | undefined> {
+    let handle
+    try {
+      handle = await open(fetched.path, READ_NOFOLLOW)
+    } catch (err) {
+      if (errnoCode(err) !== 'ENOENT') this.#error(`opening ${fetched.name}`, err)
+      return undefined
+    }
+    if (!this.#pathHits.delete(fetched.name)) this.#counters.hit()
+    const stream = handle.createReadStream({ highWaterMark: HIGH_WATER_MARK })
+    if (opts.signal) addAbortSignal(opts.signal, stream)
+    return { stream, size: fetched.size }
+  }
+
+  /** An instance manifest from the shared tier (fetched into the directory), or undefined. */
+  async #sharedManifest(digest: Digest, opts: CallOptions): Promise<{ bytes: Buffer; mediaType: string } | undefined> {
+    const fetched = await this.#fetchShared({ digest, size: -1 }, opts)
+    if (!fetched || fetched.size > MAX_MANIFEST_SIZE) return undefined
+    try {
+      const bytes = await readFile(fetched.path, { signal: opts.signal, flag: READ_NOFOLLOW })
+      const mediaType = guessMediaType(bytes)
+      if (mediaType === '' || digestOf(bytes, digestAlgorithm(digest)) !== digest) return undefined
+      this.#counters.hit()
+      log('manifest %s from the shared tier', digest)
+      return { bytes, mediaType }
+    } catch (err) {
+      if (opts.signal?.aborted) throw opts.signal.reason
+      this.#error(`reading manifest ${digest} fetched from the shared tier`, err)
+      return undefined
+    }
+  }
+
+  /**
+   * Fetches the substitutes that only the shared tier holds into the directory, a few at once,
+   * so that the copy does not depend on the tier staying reachable: a substitute that cannot be
+   * fetched is dropped (the layer is copied as it is).
+   */
+  async #prefetch(subs: (BlobInfo | undefined)[], opts: CallOptions): Promise<void> {
+    const wanted: number[] = []
+    for (const [i, sub] of subs.entries()) {
+      if (sub?.digest && (await fileSize(join(this.#dir, sub.digest)).catch(() => undefined)) === undefined) wanted.push(i)
+    }
+    const next = async (): Promise<void> => {
+      for (let i = wanted.shift(); i !== undefined; i = wanted.shift()) {
+        if (!(await this.#fetchShared(subs[i]!, opts))) {
+          log('substitute %s is not available from the shared tier; keeping the layer', subs[i]!.digest)
+          subs[i] = undefined
+        }
+      }
+    }
+    await Promise.all(Array.from({ length: Math.min(PREFETCH_CONCURRENCY, wanted.length) }, next))
   }
 
   /**

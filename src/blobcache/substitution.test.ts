@@ -1,13 +1,14 @@
-import { writeFile } from 'node:fs/promises'
+import { rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { testDir } from '../../test/helpers/conformance.js'
 import { MemoryStore, memoryTransport } from '../../test/helpers/memory-transport.js'
-import { digestOf } from '../digest.js'
+import { type Digest, digestOf } from '../digest.js'
 import { MediaType } from '../media-types.js'
 import type { BlobInfo } from '../types.js'
 import { BlobCache } from './reference.js'
-import { CHUNKED_ANNOTATIONS, substituteLayer } from './substitution.js'
+import type { SharedEntry } from './shared/format.js'
+import { CHUNKED_ANNOTATIONS, type SubstitutionView, substituteLayer, tieredView } from './substitution.js'
 
 const u = Buffer.from('uncompressed tar')
 const g = Buffer.from('gzip bytes')
@@ -71,6 +72,104 @@ describe('substituteLayer', () => {
     expect(await substituteLayer(dir, layer(G, MediaType.ociLayerNondistributableGzip), 'decompress', 'gzip')).toBeUndefined()
     expect(await substituteLayer(dir, layer(U, MediaType.ociLayer), 'preserve', 'gzip')).toBeUndefined()
     expect(await substituteLayer(dir, layer(digestOf('other'), MediaType.ociLayer), 'compress', 'gzip')).toBeUndefined()
+  })
+})
+
+/** A view over plain maps: notes and sizes as a tier (or anything) would report them. */
+function fakeView(notes: { compressed?: Record<string, [Digest, string][]>; decompressed?: Record<string, Digest>; sizes?: Record<string, number> }): SubstitutionView {
+  return {
+    async *compressedVariants(d) {
+      yield* notes.compressed?.[d] ?? []
+    },
+    decompressedOf: async (d) => notes.decompressed?.[d],
+    sizeOf: async (d) => notes.sizes?.[d],
+  }
+}
+
+describe('substituteLayer through a view', () => {
+  it('compress: takes the first variant of the algorithm the view offers whose notes agree both ways', async () => {
+    const other = digestOf('other gzip')
+    const view = fakeView({
+      compressed: { [U]: [[other, 'gzip'], [G, 'gzip'], [Z, 'zstd']] },
+      decompressed: { [other]: digestOf('something else'), [G]: U, [Z]: U },
+      sizes: { [other]: 5, [G]: 1234, [Z]: 99 },
+    })
+    expect(await substituteLayer(view, layer(U, MediaType.ociLayer), 'compress', 'gzip')).toEqual({
+      digest: G, size: 1234, mediaType: MediaType.ociLayerGzip, compressionOperation: 'compress', compressionAlgorithm: 'gzip',
+    })
+    // a variant of unknown size (neither cached nor in the tier) is passed over
+    const sizeless = fakeView({ compressed: { [U]: [[G, 'gzip']] }, decompressed: { [G]: U } })
+    expect(await substituteLayer(sizeless, layer(U, MediaType.ociLayer), 'compress', 'gzip')).toBeUndefined()
+  })
+
+  it('decompress: the diff ID rule and the both-way rule hold for notes from a view', async () => {
+    const view = fakeView({ compressed: { [U]: [[G, 'gzip']] }, decompressed: { [G]: U, [Z]: U }, sizes: { [U]: 77 } })
+    const gl = layer(G, MediaType.ociLayerGzip)
+    expect(await substituteLayer(view, gl, 'decompress', 'gzip')).toMatchObject({ digest: U, size: 77, compressionOperation: 'decompress' })
+    expect(await substituteLayer(view, gl, 'decompress', 'gzip', U)).toMatchObject({ digest: U })
+    expect(await substituteLayer(view, gl, 'decompress', 'gzip', digestOf('another diff id'))).toBeUndefined()
+    // Z says it decompresses to U, but U does not list Z: no agreement, no substitute
+    expect(await substituteLayer(view, layer(Z, MediaType.ociLayerZstd), 'decompress', 'gzip')).toBeUndefined()
+  })
+})
+
+describe('tieredView', () => {
+  /** A stand-in for SharedTier.lookup over fixed entries, counting the digests asked for. */
+  function fakeTier(entries: SharedEntry[]) {
+    const asked: Digest[] = []
+    const byDigest = new Map(entries.map((e) => [e.digest, e]))
+    return { asked, lookup: async (d: Digest) => (asked.push(d), byDigest.get(d)) }
+  }
+  const entry = (digest: Digest, size: number, extra: Partial<SharedEntry> = {}): SharedEntry => ({
+    digest, size, kind: 'layer', compressed: new Map(), ...extra,
+  })
+
+  it('answers from the directory first and asks the tier only for what it lacks', async () => {
+    const dir = await cacheDir()
+    const tier = fakeTier([entry(U, 5, { compressed: new Map([[G, 'gzip']]) })])
+    const view = tieredView(dir, tier)
+    expect(await substituteLayer(view, layer(U, MediaType.ociLayer), 'compress', 'gzip')).toMatchObject({ digest: G, size: g.length })
+    expect(tier.asked).toEqual([])
+    expect(await view.sizeOf(U)).toBe(u.length)
+    expect(tier.asked).toEqual([])
+  })
+
+  it('substitutes a variant only the tier knows, sized by its own tier entry, after the local ones', async () => {
+    const dir = await testDir()
+    await writeFile(join(dir, U), u)
+    const T = digestOf('gzip bytes made elsewhere')
+    const tier = fakeTier([
+      entry(U, u.length, { compressed: new Map([[T, 'gzip'], [Z, 'zstd']]) }),
+      entry(T, 4321, { compression: 'gzip', decompressed: U }),
+    ])
+    const view = tieredView(dir, tier)
+    expect(await substituteLayer(view, layer(U, MediaType.ociLayer), 'compress', 'gzip')).toEqual({
+      digest: T, size: 4321, mediaType: MediaType.ociLayerGzip, compressionOperation: 'compress', compressionAlgorithm: 'gzip',
+    })
+    // Z is listed by U's entry but has no entry of its own: the tier cannot supply it
+    expect(await substituteLayer(view, layer(U, MediaType.ociLayer), 'compress', 'zstd')).toBeUndefined()
+    // a local variant comes before the tier's
+    await writeFile(join(dir, G), g)
+    await writeFile(join(dir, `${U}.compressed`), G)
+    await writeFile(join(dir, `${G}.decompressed`), U)
+    const variants: string[] = []
+    for await (const [d] of view.compressedVariants(U)) variants.push(d)
+    expect(variants).toEqual([G, T, Z])
+  })
+
+  it('decompress: a compressed layer whose decompressed form is only in the tier', async () => {
+    const dir = await testDir()
+    const tier = fakeTier([
+      entry(G, g.length, { compression: 'gzip', decompressed: U }),
+      entry(U, 600, { compressed: new Map([[G, 'gzip']]) }),
+    ])
+    const view = tieredView(dir, tier)
+    expect(await substituteLayer(view, layer(G, MediaType.ociLayerGzip), 'decompress', 'gzip')).toMatchObject({ digest: U, size: 600 })
+    expect(await substituteLayer(view, layer(G, MediaType.ociLayerGzip), 'decompress', 'gzip', digestOf('x'))).toBeUndefined()
+    // the local note wins over the tier's: a local .decompressed naming something else is not overridden
+    await writeFile(join(dir, `${G}.decompressed`), Z)
+    expect(await substituteLayer(view, layer(G, MediaType.ociLayerGzip), 'decompress', 'gzip')).toBeUndefined()
+    await rm(join(dir, `${G}.decompressed`))
   })
 })
 

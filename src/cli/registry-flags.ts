@@ -1,5 +1,5 @@
 // Registry flags shared by the commands that reach a registry, with skopeo's names:
-// --src-/--dest- prefixed for copy, unprefixed for inspect.
+// --src-/--dest-/--shared- prefixed for copy, unprefixed for inspect.
 import { type Command, InvalidArgumentError, Option } from 'commander'
 import type { RegistryOptions } from '../types.js'
 
@@ -23,9 +23,9 @@ function credsArg(value: string): string {
 
 /**
  * Adds `--{prefix}tls-verify[=bool]`, `--{prefix}creds USER:PASS` and `--{prefix}authfile FILE`
- * to a command (prefix `src-`, `dest-` or nothing).
+ * to a command (prefix `src-`, `dest-`, `shared-` or nothing).
  */
-export function addRegistryFlags(cmd: Command, prefix: '' | 'src-' | 'dest-', side: string): Command {
+export function addRegistryFlags(cmd: Command, prefix: '' | 'src-' | 'dest-' | 'shared-', side: string): Command {
   return cmd
     .addOption(new Option(`--${prefix}tls-verify [bool]`, `verify TLS of the ${side} registry; false also allows plain HTTP (default true)`).argParser(booleanArg))
     .addOption(new Option(`--${prefix}creds <user:password>`, `credentials for the ${side} registry`).argParser(credsArg))
@@ -33,7 +33,7 @@ export function addRegistryFlags(cmd: Command, prefix: '' | 'src-' | 'dest-', si
 }
 
 /** The registry options of one side, from the flags commander parsed (camel-cased by prefix). */
-export function registryOptions(flags: Record<string, unknown>, prefix: '' | 'src' | 'dest', authfile?: string): RegistryOptions | undefined {
+export function registryOptions(flags: Record<string, unknown>, prefix: '' | 'src' | 'dest' | 'shared', authfile?: string): RegistryOptions | undefined {
   const key = (name: string) => (prefix ? prefix + name[0].toUpperCase() + name.slice(1) : name)
   const out: RegistryOptions = {}
   const tls = flags[key('tlsVerify')]

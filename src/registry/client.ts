@@ -16,6 +16,8 @@ export interface ClientOptions extends RegistryOptions {
   env?: NodeJS.ProcessEnv
   /** Retry policy for transient failures. Defaults: see {@link RetryPolicy}. */
   retry?: RetryPolicy
+  /** How long one `/v2/` ping may take, in ms. Default 30 000. */
+  pingTimeout?: number
 }
 
 /** A response body: a Node stream the caller MUST read to its end, {@link discard}, or destroy. */
@@ -171,6 +173,7 @@ export class RegistryClient {
   readonly host: string
   readonly tlsVerify: boolean
   readonly #retry: RetryPolicy
+  readonly #pingTimeout: number
   readonly #auth: Authenticator
   #base: Promise<URL> | undefined
 
@@ -179,6 +182,7 @@ export class RegistryClient {
     this.host = registryHost(registry)
     this.tlsVerify = opts.tlsVerify ?? true
     this.#retry = opts.retry ?? {}
+    this.#pingTimeout = opts.pingTimeout ?? PING_TIMEOUT
     const lookup: CredentialOptions = { credentials: opts.credentials, authFile: opts.authFile, env: opts.env }
     this.#auth = new Authenticator({
       registry,
@@ -205,7 +209,7 @@ export class RegistryClient {
    */
   base(signal?: AbortSignal): Promise<URL> {
     if (!this.#base) {
-      const ping = withRetry(() => this.#ping(AbortSignal.timeout(PING_TIMEOUT)), { ...this.#retry, what: `ping ${this.host}` })
+      const ping = withRetry(() => this.#ping(AbortSignal.timeout(this.#pingTimeout)), { ...this.#retry, what: `ping ${this.host}` })
       ping.catch(() => {
         if (this.#base === ping) this.#base = undefined
       })

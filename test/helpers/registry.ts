@@ -1,6 +1,8 @@
 // Starts the real CNCF distribution registry (Debian's `docker-registry`) on 127.0.0.1 on a free
 // port with its own temporary storage, optionally behind htpasswd basic auth or bearer-token auth
-// (see token-server.ts), and stops it by its process id.
+// (see token-server.ts), and stops it by its process id. A registry can be halted and restarted
+// on the same port and storage, and `docker-registry garbage-collect` run on that storage while
+// it is halted.
 import { type ChildProcess, execFile, spawn } from 'node:child_process'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { type IncomingMessage, get } from 'node:http'
@@ -40,7 +42,29 @@ export interface TestRegistry {
   tokenServer?: TokenServer
   /** The self-signed certificate, with `tls`. */
   certPath?: string
-  pid: number
+  /** The process id of the running registry (a new one after {@link TestRegistry.restart}). */
+  readonly pid: number
+  /** Its config file (what `serve` and `garbage-collect` read). */
+  configPath: string
+  /** Whether the registry process is running. */
+  readonly running: boolean
+  /**
+   * Stops the registry process (SIGTERM to its pid, SIGKILL after 5 s) and keeps its storage,
+   * port and token server, so that {@link TestRegistry.restart} can bring it back. No-op when
+   * it is not running.
+   */
+  halt(): Promise<void>
+  /**
+   * Starts the registry again on the same port, storage and config (halting it first if it is
+   * running); resolves once `GET /v2/` answers.
+   */
+  restart(): Promise<void>
+  /**
+   * Runs `docker-registry garbage-collect [--delete-untagged] [--dry-run] <config>` on the
+   * storage. The registry MUST be halted (the garbage collector assumes nobody writes meanwhile):
+   * rejects otherwise. Resolves its combined output; rejects when it exits non-zero.
+   */
+  garbageCollect(opts?: { deleteUntagged?: boolean; dryRun?: boolean }): Promise<string>
   /** Stops the registry (and token server) and removes its storage. */
   stop(): Promise<void>
 }
@@ -70,12 +94,52 @@ export function httpStatus(url: string): Promise<number> {
   })
 }
 
+/** A `docker-registry serve` process that answered `GET /v2/`. */
+interface Served {
+  proc: ChildProcess
+  exited: Promise<number>
+}
+
+/**
+ * Spawns `docker-registry serve config` and waits up to 15 s for `url` to answer 200 or 401.
+ * Rejects (after killing the process) when it does not; the error carries its stderr tail.
+ */
+async function serve(config: string, url: string): Promise<Served> {
+  const proc = spawn('docker-registry', ['serve', config], { stdio: ['ignore', 'ignore', 'pipe'] })
+  let stderr = ''
+  proc.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)))
+  const exited = new Promise<number>((resolve) => proc.once('exit', (code) => resolve(code ?? -1)))
+  const deadline = Date.now() + 15_000
+  let status = 0
+  while (Date.now() < deadline && proc.exitCode === null) {
+    status = await httpStatus(url)
+    if (status === 200 || status === 401) return { proc, exited }
+    await sleep(50)
+  }
+  if (proc.exitCode === null) {
+    proc.kill('SIGKILL')
+    await exited
+  }
+  throw Object.assign(new Error(`docker-registry did not start (status ${status}): ${stderr.trim()}`), { stderr })
+}
+
+/** Stops a served registry by its pid: SIGTERM, SIGKILL after 5 s. */
+async function halt(served: Served): Promise<void> {
+  const { proc, exited } = served
+  if (proc.exitCode !== null || proc.signalCode !== null) return
+  const pid = proc.pid!
+  process.kill(pid, 'SIGTERM')
+  const timer = setTimeout(() => proc.exitCode === null && proc.signalCode === null && process.kill(pid, 'SIGKILL'), 5000)
+  await exited
+  clearTimeout(timer)
+}
+
 /** Starts `docker-registry serve` with a config of its own; resolves once `GET /v2/` answers 200 or 401. */
 export async function startRegistry(opts: TestRegistryOptions = {}): Promise<TestRegistry> {
   const dir = await mkdtemp(join(tmpdir(), 'blobcache-registry-'))
   const users = opts.users ?? { alice: 'wonderland' }
   let tokenServer: TokenServer | undefined
-  let child: ChildProcess | undefined
+  let served: Served | undefined
   try {
     let auth = ''
     if (opts.auth === 'htpasswd') {
@@ -102,6 +166,7 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
       ])
       tls = `  tls:\n    certificate: ${certPath}\n    key: ${join(dir, 'tls.key')}\n`
     }
+    const configPath = join(dir, 'config.yml')
     for (let attempt = 0; ; attempt++) {
       const port = await freePort()
       const config =
@@ -110,53 +175,65 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
         `http:\n  addr: 127.0.0.1:${port}\n  secret: blobcache-test-secret\n` +
         tls +
         auth
-      await writeFile(join(dir, 'config.yml'), config)
-      const proc = spawn('docker-registry', ['serve', join(dir, 'config.yml')], { stdio: ['ignore', 'ignore', 'pipe'] })
-      child = proc
-      let stderr = ''
-      proc.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)))
-      const exited = new Promise<number>((resolve) => proc.once('exit', (code) => resolve(code ?? -1)))
+      await writeFile(configPath, config)
       const url = `${opts.tls ? 'https' : 'http'}://127.0.0.1:${port}/v2/`
-      const deadline = Date.now() + 15_000
-      let status = 0
-      while (Date.now() < deadline && proc.exitCode === null) {
-        status = await httpStatus(url)
-        if (status === 200 || status === 401) break
-        await sleep(50)
+      try {
+        served = await serve(configPath, url)
+      } catch (err) {
+        // the port may have been taken between freePort() and the registry's bind: try another
+        const stderr = (err as { stderr?: string }).stderr ?? ''
+        if (attempt >= 2 || !/address already in use/.test(stderr)) throw err
+        continue
       }
-      if (status === 200 || status === 401) {
-        const pid = proc.pid!
-        return {
-          host: `127.0.0.1:${port}`,
-          port,
-          dir,
-          users,
-          tokenServer,
-          certPath,
-          pid,
-          stop: async () => {
-            if (proc.exitCode === null) {
-              process.kill(pid, 'SIGTERM')
-              const timer = setTimeout(() => proc.exitCode === null && process.kill(pid, 'SIGKILL'), 5000)
-              await exited
-              clearTimeout(timer)
+      let current: Served | undefined = served
+      const registry: TestRegistry = {
+        host: `127.0.0.1:${port}`,
+        port,
+        dir,
+        users,
+        tokenServer,
+        certPath,
+        configPath,
+        get pid() {
+          return current?.proc.pid ?? 0
+        },
+        get running() {
+          return current !== undefined && current.proc.exitCode === null && current.proc.signalCode === null
+        },
+        halt: async () => {
+          if (current) await halt(current)
+        },
+        restart: async () => {
+          if (current) await halt(current)
+          current = undefined
+          // the old socket may linger a moment after the process is gone: retry the bind briefly
+          for (let tries = 0; ; tries++) {
+            try {
+              current = await serve(configPath, url)
+              return
+            } catch (err) {
+              const stderr = (err as { stderr?: string }).stderr ?? ''
+              if (tries >= 20 || !/address already in use/.test(stderr)) throw err
+              await sleep(100)
             }
-            await tokenServer?.close()
-            await rm(dir, { recursive: true, force: true })
-          },
-        }
+          }
+        },
+        garbageCollect: async (gc = {}) => {
+          if (registry.running) throw new Error('garbage-collect needs the registry halted first')
+          const args = ['garbage-collect', ...(gc.deleteUntagged ? ['--delete-untagged'] : []), ...(gc.dryRun ? ['--dry-run'] : []), configPath]
+          const { stdout, stderr } = await exec('docker-registry', args, { maxBuffer: 16 << 20 })
+          return stdout + stderr
+        },
+        stop: async () => {
+          if (current) await halt(current)
+          await tokenServer?.close()
+          await rm(dir, { recursive: true, force: true })
+        },
       }
-      if (proc.exitCode === null) {
-        proc.kill('SIGKILL')
-        await exited
-      }
-      // the port may have been taken between freePort() and the registry's bind: try another
-      if (attempt >= 2 || !/address already in use/.test(stderr)) {
-        throw new Error(`docker-registry did not start (status ${status}): ${stderr.trim()}`)
-      }
+      return registry
     }
   } catch (err) {
-    if (child && child.exitCode === null) child.kill('SIGKILL')
+    if (served && served.proc.exitCode === null) served.proc.kill('SIGKILL')
     await tokenServer?.close()
     await rm(dir, { recursive: true, force: true })
     throw err

@@ -1,5 +1,5 @@
 import type { Command } from 'commander'
-import { CacheDirectory, type CacheEntry } from '../../blobcache/index.js'
+import { CacheDirectory, type CacheEntry } from '../../blobcache/directory.js'
 import { type Digest, isDigest } from '../../digest.js'
 import { type RunContext, attempt, formatBytes, parseDuration, parseSize, printJSON, println } from '../io.js'
 

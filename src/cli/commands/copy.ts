@@ -1,6 +1,6 @@
 import { mkdir } from 'node:fs/promises'
 import { type Command, Option } from 'commander'
-import { BlobCache } from '../../blobcache/index.js'
+import { BlobCache, type SharedStats, type SharedTier } from '../../blobcache/index.js'
 import { type CopyOptions, copyImage } from '../../copy.js'
 import type { Platform } from '../../manifest.js'
 import { parseImageName } from '../../transports/index.js'
@@ -8,9 +8,10 @@ import type { CompressionAlgorithm, ImageReference, LayerCompression, SystemCont
 import { type RunContext, attempt, platformArg, parseCount, printJSON } from '../io.js'
 import { createProgress } from '../progress.js'
 import { addRegistryFlags, registryOptions } from '../registry-flags.js'
+import { type SharedCacheFlags, SharedReporter, addSharedCacheFlags, openSharedTier, sharedFlagsProblem } from '../shared-cache.js'
 
 /** The parsed flags of `blobcache copy`. */
-interface CopyFlags {
+interface CopyFlags extends SharedCacheFlags {
   all?: boolean
   platform?: Platform
   destCompress?: boolean
@@ -35,6 +36,8 @@ export interface CopySummary {
   blobs: { copied: number; reused: number }
   bytes: number
   cache?: { hits: number; misses: number; errors: number }
+  /** The shared cache tier's counts, after the flush (with --shared-cache). */
+  shared?: SharedStats
 }
 
 /** Adds `blobcache copy [flags] SRC DEST` to the program. */
@@ -58,18 +61,32 @@ export function addCopyCommand(program: Command, ctx: RunContext): void {
     .option('--blob-cache <dir>', 'keep every blob in this cache directory and read blobs from it (created if missing)')
     .addOption(new Option('--cache-compression <mode>', 'what the cache substitutes for layers it holds (default: preserve)').choices(['preserve', 'compress', 'decompress']))
     .addOption(new Option('--cache-compress-format <alg>', 'algorithm of compressed variants the cache offers (default: gzip)').choices(['gzip', 'zstd']))
-    .option('--authfile <file>', 'auth file for both registries')
+    .option('--authfile <file>', 'auth file for every registry (source, destination, shared cache)')
   addRegistryFlags(cmd, 'src-', 'source')
   addRegistryFlags(cmd, 'dest-', 'destination')
+  addSharedCacheFlags(cmd)
   cmd.action(async (srcName: string, destName: string, flags: CopyFlags, cmd: Command) => {
+      const usage = (message: string) => cmd.error(`error: ${message}`, { exitCode: 2, code: 'blobcache.usage' })
       if (!flags.blobCache && (flags.cacheCompression || flags.cacheCompressFormat)) {
-        cmd.error('error: --cache-compression and --cache-compress-format need --blob-cache', { exitCode: 2, code: 'blobcache.usage' })
+        usage('--cache-compression and --cache-compress-format need --blob-cache')
       }
-      await attempt(ctx, `copying ${srcName} to ${destName}`, () => runCopy(ctx, srcName, destName, flags))
+      const problem = sharedFlagsProblem(flags)
+      if (problem) usage(problem)
+      const reporter = new SharedReporter(ctx.io, flags.quiet === true || flags.json === true)
+      const tier = openSharedTier(flags, reporter)
+      if (typeof tier === 'string') usage(tier)
+      const shared = typeof tier === 'string' ? undefined : tier
+      await attempt(ctx, `copying ${srcName} to ${destName}`, () => runCopy(ctx, srcName, destName, flags, shared && { tier: shared, reporter }))
     })
 }
 
-async function runCopy(ctx: RunContext, srcName: string, destName: string, flags: CopyFlags): Promise<void> {
+async function runCopy(
+  ctx: RunContext,
+  srcName: string,
+  destName: string,
+  flags: CopyFlags,
+  shared?: { tier: SharedTier; reporter: SharedReporter },
+): Promise<void> {
   const { io, signal } = ctx
   let src: ImageReference = parseImageName(srcName)
   let dest: ImageReference = parseImageName(destName)
@@ -77,7 +94,8 @@ async function runCopy(ctx: RunContext, srcName: string, destName: string, flags
   if (flags.blobCache) {
     await mkdir(flags.blobCache, { recursive: true })
     const mode = flags.cacheCompression ?? 'preserve'
-    const options = { compressAlgorithm: flags.cacheCompressFormat ?? 'gzip' }
+    // both wrappers use the one tier, so that its uploads are deduplicated and flushed together
+    const options = { compressAlgorithm: flags.cacheCompressFormat ?? 'gzip', ...(shared ? { shared: shared.tier } : {}) }
     src = new BlobCache(src, flags.blobCache, mode, options)
     dest = new BlobCache(dest, flags.blobCache, mode, options)
     caches.push(src as BlobCache, dest as BlobCache)
@@ -104,11 +122,18 @@ async function runCopy(ctx: RunContext, srcName: string, destName: string, flags
   }
   let ok = false
   let result
+  let sharedStats: SharedStats | undefined
   try {
-    result = await copyImage(src, dest, options)
-    ok = true
+    try {
+      result = await copyImage(src, dest, options)
+      ok = true
+    } finally {
+      progress.finish(ok)
+    }
   } finally {
-    progress.finish(ok)
+    // copyImage has closed the destination (its background variants are queued by now); the
+    // entries cached so far are pushed even when the copy failed. Never throws.
+    if (shared) sharedStats = await shared.reporter.flush(shared.tier, signal)
   }
 
   const summary: CopySummary = {
@@ -126,9 +151,17 @@ async function runCopy(ctx: RunContext, srcName: string, destName: string, flags
     }
     summary.cache = cache
   }
+  if (shared && sharedStats) summary.shared = sharedStats
   if (flags.json) printJSON(io, summary)
   else if (!flags.quiet && summary.cache) {
     const { hits, misses, errors } = summary.cache
     io.stdout.write(`Blob cache ${flags.blobCache}: ${hits} hits, ${misses} misses, ${errors} errors\n`)
+    if (shared && sharedStats) {
+      const s = sharedStats
+      io.stdout.write(
+        `Shared cache ${shared.tier.name}: ${s.hits} hits, ${s.misses} misses, ${s.uploaded} uploaded, ${s.mounted} mounted, ` +
+          `${s.skipped} already there, ${s.failed + s.dropped} not pushed, ${s.errors} errors\n`,
+      )
+    }
   }
 }
