@@ -13,6 +13,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { expect } from 'vitest'
 import { type Digest, digestHex, digestOf } from '../../src/digest.js'
 import type { FaultProxy, FaultRule, ProxiedRequest } from './fault-proxy.js'
+import type { SharedStats } from '../../src/blobcache/shared/tier.js'
 
 /** The built CLI the machines run. */
 export const CLI = resolve(__dirname, '../../dist/cli.js')
@@ -40,22 +41,8 @@ export interface CopyJson {
   shared?: SharedJson
 }
 
-/** The shared tier's stats as `copy --json` prints them (SharedStats). */
-export interface SharedJson {
-  hits: number
-  misses: number
-  errors: number
-  warnings: number
-  uploaded: number
-  mounted: number
-  skipped: number
-  notesMerged: number
-  dropped: number
-  failed: number
-  pending: number
-  bytesUploaded: number
-  bytesDownloaded: number
-}
+/** The shared tier's stats as `copy --json` prints them. */
+export type SharedJson = SharedStats
 
 /** A running machine. */
 export interface Machine {

@@ -9,6 +9,7 @@ import { type ClientOptions, RegistryClient } from '../../registry/client.js'
 import { fetchManifest } from '../../registry/manifests.js'
 import { type RetryPolicy, isTransient, untilAborted } from '../../registry/retry.js'
 import { headBlob, uploadBlob } from '../../registry/upload.js'
+import type { SharedStats } from './tier.js'
 import { EMPTY_CONFIG, EMPTY_CONFIG_BYTES, type SharedEntry, entryTag, parseEntryManifest } from './format.js'
 
 const log = debug('blobcache:blobcache:shared')
@@ -17,20 +18,7 @@ const log = debug('blobcache:blobcache:shared')
 export const DEFAULT_TIER_RETRY: Readonly<RetryPolicy> = { attempts: 2, baseDelay: 100, maxDelay: 1000, maxRetryAfter: 1000 }
 
 /** The counters of a tier, without the derived `pending`. */
-export interface TierCounters {
-  hits: number
-  misses: number
-  errors: number
-  warnings: number
-  uploaded: number
-  mounted: number
-  skipped: number
-  notesMerged: number
-  dropped: number
-  failed: number
-  bytesUploaded: number
-  bytesDownloaded: number
-}
+export type TierCounters = Omit<SharedStats, 'pending'>
 
 /** Settings of a {@link TierCore}. */
 export interface TierCoreOptions {
