@@ -13,7 +13,7 @@ import { type Digest, type DigestingStream, digestOf, digestingStream, parseDige
 import { errnoCode, isImageError } from '../errors.js'
 import { layerCompressionOf } from '../manifest.js'
 import type { BlobInfo, CallOptions, ImageDestination, LayerCompression, PutBlobOptions } from '../types.js'
-import { fileMatchesDigest, findBlob } from './directory.js'
+import { entryIntact, findBlob } from './directory.js'
 import { FILE_MODE, HIGH_WATER_MARK, atomicWriteFile, entryName, fileExists, removeQuietly, tempPath, touch } from './files.js'
 import type { BlobCache } from './reference.js'
 import type { Counters } from './stats.js'
@@ -295,10 +295,13 @@ export class BlobCacheDestination implements ImageDestination {
     task.finally(() => this.#background.delete(task)).catch(() => {})
   }
 
-  /** Whether a cached file still hashes to `digest`; a corrupt one is removed and counted. */
+  /**
+   * Whether a cached file may be stored unread: stamped as verified and not written to since,
+   * or hashing to `digest` (see stamp.ts); a corrupt one is removed and counted.
+   */
   async #intact(path: string, digest: Digest, name: string, opts: CallOptions): Promise<boolean> {
     try {
-      if (await fileMatchesDigest(path, digest, opts)) return true
+      if (await entryIntact(path, digest, opts)) return true
       await removeQuietly(path)
       this.#error(`cached ${name} is corrupt; removed`, new Error('digest mismatch'))
     } catch (err) {

@@ -11,6 +11,7 @@ import { type Digest, digestAlgorithm, parseDigest } from '../digest.js'
 import { ImageError, errnoCode } from '../errors.js'
 import type { CallOptions } from '../types.js'
 import { type EntryKind, HIGH_WATER_MARK, classifyName, entryName, fileExists, removeQuietly } from './files.js'
+import { hasVerifiedStamp, stampVerified } from './stamp.js'
 import { parseCompressedNote, readDecompressedNote, removeCompressedVariants } from './notes.js'
 
 const log = debug('blobcache:blobcache:directory')
@@ -107,6 +108,18 @@ export async function fileMatchesDigest(path: string, digest: Digest, opts: Call
 }
 
 /**
+ * Whether the entry at `path` may be handed out unread as the blob `digest`: true at once when
+ * it carries a valid verification stamp (nothing has written to it since it was verified, see
+ * stamp.ts), else when its bytes hash to `digest`, and it is then stamped. Read errors reject.
+ */
+export async function entryIntact(path: string, digest: Digest, opts: CallOptions = {}): Promise<boolean> {
+  if (await hasVerifiedStamp(path)) return true
+  if (!(await fileMatchesDigest(path, digest, opts))) return false
+  await stampVerified(path)
+  return true
+}
+
+/**
  * A blob cache directory: list, look up, verify, prune and clear it. It never creates the
  * directory; every operation on a missing one fails `CACHE_INVALID`. Safe to use while other
  * processes read and write the same directory.
@@ -168,6 +181,7 @@ export class CacheDirectory {
         if (e.kind === 'note') ok = await this.#noteIsValid(e.name, e.digest)
         else {
           ok = await fileMatchesDigest(path, e.digest, opts)
+          if (ok) await stampVerified(path, e.size)
           result.bytesChecked += e.size
         }
       } catch (err) {

@@ -3,10 +3,11 @@
 // Digest, so nothing can point outside the cache directory.
 import { randomBytes } from 'node:crypto'
 import { constants } from 'node:fs'
-import { lstat, open, rename, rm, utimes } from 'node:fs/promises'
+import { lstat, open, rename, rm } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { type Digest, isDigest } from '../digest.js'
 import { errnoCode } from '../errors.js'
+import { touchEntry } from './stamp.js'
 
 /** Prefix of every temporary file and lock the cache creates; such files are never content. */
 export const TEMP_PREFIX = '.tmp-'
@@ -83,12 +84,11 @@ export async function removeQuietly(path: string): Promise<void> {
 }
 
 /**
- * Marks an entry as used now (mtime and atime), so that LRU pruning works on file systems
- * mounted `noatime`. Best effort.
+ * Marks an entry as used now, so that LRU pruning works on file systems mounted `noatime`,
+ * keeping its verification stamp (see stamp.ts). Best effort.
  */
-export async function touch(path: string): Promise<void> {
-  const now = new Date()
-  await utimes(path, now, now).catch(() => {})
+export function touch(path: string): Promise<void> {
+  return touchEntry(path)
 }
 
 /**

@@ -12,7 +12,7 @@ import { manifestLayerInfos, readConfig, readManifest } from '../image.js'
 import { MAX_MANIFEST_SIZE } from '../manifest.js'
 import { guessMediaType } from '../media-types.js'
 import type { BlobChunk, BlobInfo, CallOptions, ImageSource } from '../types.js'
-import { type FoundBlob, fileMatchesDigest, findBlob } from './directory.js'
+import { type FoundBlob, entryIntact, findBlob } from './directory.js'
 import { HIGH_WATER_MARK, READ_NOFOLLOW, fileSize, removeQuietly, touch } from './files.js'
 import { fileRanges, streamRanges } from './ranges.js'
 import type { BlobCache } from './reference.js'
@@ -307,13 +307,13 @@ export class BlobCacheSource implements ImageSource {
   }
 
   /**
-   * Whether a cached file still hashes to its name. A file handed out by path is copied as is
-   * (the reader trusts it), and an entry may have been damaged since it was verified and named:
-   * it is hashed first, and a corrupt one is removed (a miss).
+   * Whether a cached file may be handed out by path (the reader copies it unread): an entry
+   * verified when it was named and not written to since carries a stamp and is taken at once;
+   * any other is hashed first, and a corrupt one is removed (a miss). See stamp.ts.
    */
   async #intact(found: FoundBlob, opts: CallOptions): Promise<boolean> {
     try {
-      if (await fileMatchesDigest(found.path, parseDigest(found.name.replace(/\.config$/, '')), opts)) return true
+      if (await entryIntact(found.path, parseDigest(found.name.replace(/\.config$/, '')), opts)) return true
       await removeQuietly(found.path)
       this.#error(`cached ${found.name} is corrupt; removed`)
     } catch (err) {

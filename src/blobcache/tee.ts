@@ -12,6 +12,7 @@ import { detectCompression, PEEK_BYTES } from '../compression.js'
 import { type Digest, type DigestAlgorithm, type DigestingStream, digestAlgorithm, streamDigest } from '../digest.js'
 import type { DetectedAlgorithm } from '../types.js'
 import { HIGH_WATER_MARK, fileExists, removeQuietly } from './files.js'
+import { stampVerified } from './stamp.js'
 import { type CacheErrorHandler, Decompression, storeDecompressed } from './variants.js'
 
 const log = debug('blobcache:blobcache:tee')
@@ -143,6 +144,7 @@ export class CacheTee extends Transform implements DigestingStream {
       try {
         if (verified && !(await fileExists(final))) {
           await rename(file.path, final)
+          await stampVerified(final, this.#bytes)
           log('stored %s', name)
         }
       } catch (err) {

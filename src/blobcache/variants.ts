@@ -15,6 +15,7 @@ import { errnoCode } from '../errors.js'
 import type { CompressionAlgorithm, DetectedAlgorithm } from '../types.js'
 import { FILE_MODE, HIGH_WATER_MARK, fileExists, removeQuietly, tempPath } from './files.js'
 import { addCompressedVariant, readCompressedNote, writeDecompressedNote } from './notes.js'
+import { stampVerified } from './stamp.js'
 
 const log = debug('blobcache:blobcache:variants')
 
@@ -170,6 +171,7 @@ async function placeFile(dir: string, file: DerivedFile): Promise<void> {
     return
   }
   await rename(file.tmp, path)
+  await stampVerified(path)
 }
 
 /** True when the file exists and its first bytes show no known compression. */

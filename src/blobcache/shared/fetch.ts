@@ -12,6 +12,7 @@ import { isImageError } from '../../errors.js'
 import { openBlob } from '../../registry/download.js'
 import { FILE_MODE, HIGH_WATER_MARK, entryName, removeQuietly, tempPath } from '../files.js'
 import { addCompressedVariant, isNoteAlgorithm, readCompressedNote, writeDecompressedNote } from '../notes.js'
+import { stampVerified } from '../stamp.js'
 import { type TierCore, Watchdog, reason, showsTierUnusable } from './core.js'
 import type { SharedEntry } from './format.js'
 
@@ -51,6 +52,7 @@ export async function downloadInto(core: TierCore, dir: string, entry: SharedEnt
     // openBlob fails the stream on a wrong size or digest before it ends: a completed pipeline is verified
     await pipeline(stream, new Progress(() => watchdog!.poke()), file, { signal: watchdog.signal })
     await rename(tmp, path)
+    await stampVerified(path, entry.size)
   } catch (err) {
     stream?.destroy()
     await handle?.close().catch(() => {})
