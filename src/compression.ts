@@ -1,8 +1,8 @@
-import { type ChildProcessByStdio, spawn } from 'node:child_process'
+import type * as ChildProcess from 'node:child_process'
 import { accessSync, constants as fsConstants } from 'node:fs'
 import { delimiter, join } from 'node:path'
 import { Readable, Transform, type TransformCallback, type Writable, finished } from 'node:stream'
-import zlib from 'node:zlib'
+import type * as Zlib from 'node:zlib'
 import debug from 'debug'
 import type * as Zstd from 'zstd-napi'
 import { ImageError } from './errors.js'
@@ -105,7 +105,7 @@ export function compressStream(alg: CompressionAlgorithm, opts: CompressOptions 
   switch (alg) {
     case 'gzip':
       if (level !== undefined && (level < -1 || level > 9)) throw unsupportedLevel(alg, level)
-      return new GzipStream({ level: level ?? zlib.constants.Z_DEFAULT_COMPRESSION, chunkSize: CHUNK })
+      return new (gzipStreams().Gzip)({ level: level ?? gzipStreams().defaultLevel, chunkSize: CHUNK })
     case 'zstd':
       if (level !== undefined && (level < -(1 << 17) || level > 22)) throw unsupportedLevel(alg, level)
       return new (zstdStreams().Compress)({ compressionLevel: level ?? 3, checksumFlag: true })
@@ -123,7 +123,7 @@ export function compressStream(alg: CompressionAlgorithm, opts: CompressOptions 
 export function decompressStream(alg: DetectedAlgorithm): Transform {
   switch (alg) {
     case 'gzip':
-      return new GunzipStream({ chunkSize: CHUNK })
+      return new (gzipStreams().Gunzip)({ chunkSize: CHUNK })
     case 'zstd':
       return new (zstdStreams().Decompress)()
     case 'bzip2':
@@ -151,16 +151,26 @@ function isZlibError(err: Error | null): err is Error {
   return typeof code === 'string' && code.startsWith('Z_')
 }
 
-class GzipStream extends zlib.Gzip {
-  override _destroy(err: Error | null, cb: (error?: Error | null) => void): void {
-    super._destroy(err, (e) => cb(e && isZlibError(e) ? corrupt('gzip', e) : e))
-  }
-}
+let gzip: { Gzip: typeof Zlib.Gzip; Gunzip: typeof Zlib.Gunzip; defaultLevel: number } | undefined
 
-class GunzipStream extends zlib.Gunzip {
-  override _destroy(err: Error | null, cb: (error?: Error | null) => void): void {
-    super._destroy(err, (e) => cb(e && isZlibError(e) ? corrupt('gzip', e) : e))
+/**
+ * node:zlib's gzip streams with our error mapping. node:zlib is loaded on first use, like
+ * zstd-napi: commands that never compress (a pull into the image cache) do not pay for it.
+ */
+function gzipStreams(): NonNullable<typeof gzip> {
+  if (gzip) return gzip
+  const zlib = requireLazily('node:zlib') as typeof Zlib
+  class Gzip extends zlib.Gzip {
+    override _destroy(err: Error | null, cb: (error?: Error | null) => void): void {
+      super._destroy(err, (e) => cb(e && isZlibError(e) ? corrupt('gzip', e) : e))
+    }
   }
+  class Gunzip extends zlib.Gunzip {
+    override _destroy(err: Error | null, cb: (error?: Error | null) => void): void {
+      super._destroy(err, (e) => cb(e && isZlibError(e) ? corrupt('gzip', e) : e))
+    }
+  }
+  return (gzip = { Gzip, Gunzip, defaultLevel: zlib.constants.Z_DEFAULT_COMPRESSION })
 }
 
 let zstd: { Compress: typeof Zstd.CompressStream; Decompress: typeof Zstd.DecompressStream } | undefined
@@ -217,7 +227,7 @@ const STDERR_LIMIT = 4096
  * non-zero exit fails the stream with `COMPRESSION_INVALID` carrying its stderr.
  */
 class ProcessTransform extends Transform {
-  #child: ChildProcessByStdio<Writable, Readable, Readable> | undefined
+  #child: ChildProcess.ChildProcessByStdio<Writable, Readable, Readable> | undefined
   #exit: { code: number | null; signal: string | null } | undefined
   #onExit: (() => void) | undefined
   #stderr = ''
@@ -235,8 +245,9 @@ class ProcessTransform extends Transform {
     return this.#child?.pid
   }
 
-  #start(): ChildProcessByStdio<Writable, Readable, Readable> {
+  #start(): ChildProcess.ChildProcessByStdio<Writable, Readable, Readable> {
     if (this.#child) return this.#child
+    const { spawn } = requireLazily('node:child_process') as typeof ChildProcess
     const child = spawn(this.binary, this.args, { stdio: ['pipe', 'pipe', 'pipe'] })
     log('spawned %s %s (pid %d)', this.binary, this.args.join(' '), child.pid)
     this.#child = child

@@ -1,8 +1,8 @@
 // Blobs of the image cache: `blobs/<alg>/<hex>`, written only through a verified `.tmp-` file
 // and a rename, so a file under a digest name always holds those bytes (a crash leaves at most
 // a temp file, which gc removes). Small JSON blobs are read whole and verified on every read.
-import { type Hash, createHash, randomBytes } from 'node:crypto'
-import { type WriteStream, createReadStream, createWriteStream } from 'node:fs'
+import { randomBytes } from 'node:crypto'
+import { createReadStream } from 'node:fs'
 import { mkdir, open, rename, rm, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Readable, addAbortSignal, pipeline as pipelineStreams } from 'node:stream'
@@ -12,6 +12,7 @@ import { type Digest, checkDigest, digestAlgorithm, digestHex, digestOf, parseDi
 import { DigestMismatchError, ImageError, errnoCode } from '../errors.js'
 import { type Descriptor, type ParsedManifest, parseManifest } from '../manifest.js'
 import { isManifestMediaType } from '../media-types.js'
+import { BlobFile } from './blob-file.js'
 
 const log = debug('blobcache:image-cache:blobs')
 
@@ -61,9 +62,11 @@ export interface WriteBlobOptions {
 
 /**
  * Streams a blob into the cache: a `.tmp-` file beside its final name, hashed as it is written
- * (one pass, no intermediate streams), fsynced, then renamed over the final name (replacing a
- * damaged copy). A wrong digest fails `DIGEST_INVALID`, a wrong size `SIZE_INVALID`. On any
- * failure or abort (rejecting with `signal.reason`) the temp file is removed and nothing is named.
+ * (one pass, no intermediate streams, no copies; large blobs on the hashing thread: see
+ * {@link BlobFile}), fsynced, then renamed over the final name (replacing a damaged copy). The
+ * stream's chunks MUST NOT change once emitted. A wrong digest fails `DIGEST_INVALID`, a wrong
+ * size `SIZE_INVALID`. On any failure or abort (rejecting with `signal.reason`) the temp file is
+ * removed and nothing is named.
  */
 export async function writeBlob(dir: string, stream: Readable, opts: WriteBlobOptions = {}): Promise<{ digest: Digest; size: number }> {
   const { signal } = opts
@@ -72,13 +75,16 @@ export async function writeBlob(dir: string, stream: Readable, opts: WriteBlobOp
   const folder = join(dir, 'blobs', algorithm)
   await mkdir(folder, { recursive: true })
   const tmp = join(folder, `.tmp-${randomBytes(8).toString('hex')}`)
+  const durable = opts.durable !== false
+  let file: BlobFile | undefined
   try {
     signal?.throwIfAborted()
-    const hash = opts.verified ? undefined : createHash(algorithm)
-    const size = await drain(stream, createWriteStream(tmp, { flags: 'wx', mode: 0o644, highWaterMark: CHUNK }), hash, opts)
-    const digest = hash ? (`${algorithm}:${hash.digest('hex')}` as Digest) : opts.expected!
+    file = await BlobFile.create(tmp, { algorithm: opts.verified ? undefined : algorithm, size: opts.size, flush: durable })
+    const { bytes: size, hex } = await drain(stream, file, opts)
+    const digest = hex ? (`${algorithm}:${hex}` as Digest) : opts.expected!
     checkDigest({ digest, bytes: size }, { expected: opts.expected, size: opts.size })
-    if (opts.durable !== false) await syncFile(tmp)
+    if (durable) await file.sync()
+    await file.close()
     signal?.throwIfAborted()
     await rename(tmp, blobPath(dir, digest))
     log('stored %s (%d bytes)', digest, size)
@@ -87,16 +93,17 @@ export async function writeBlob(dir: string, stream: Readable, opts: WriteBlobOp
     stream.destroy()
     throw signal?.aborted ? signal.reason : err
   } finally {
+    await file?.close()
     await rm(tmp, { force: true })
   }
 }
 
 /**
- * Copies `stream` into `out`, hashing each chunk on the way, with back-pressure; resolves the
- * byte count once `out` has finished. More bytes than `opts.size` fail at once.
+ * Copies `stream` into `file` with back-pressure; resolves the byte count and the digest's hex
+ * once every byte is written and hashed. More bytes than `opts.size` fail at once.
  */
-function drain(stream: Readable, out: WriteStream, hash: Hash | undefined, opts: WriteBlobOptions): Promise<number> {
-  return new Promise<number>((resolve, reject) => {
+function drain(stream: Readable, file: BlobFile, opts: WriteBlobOptions): Promise<{ bytes: number; hex?: string }> {
+  return new Promise((resolve, reject) => {
     let bytes = 0
     let done = false
     const fail = (err: unknown) => {
@@ -104,35 +111,37 @@ function drain(stream: Readable, out: WriteStream, hash: Hash | undefined, opts:
       done = true
       opts.signal?.removeEventListener('abort', onAbort)
       stream.destroy()
-      out.destroy()
       reject(err)
     }
     const onAbort = () => fail(opts.signal!.reason)
     opts.signal?.addEventListener('abort', onAbort, { once: true })
-    const resume = () => stream.resume()
+    const resume = () => {
+      if (!done) stream.resume()
+    }
     stream.on('data', (chunk: Buffer) => {
+      if (done) return
       bytes += chunk.length
       if (opts.size !== undefined && opts.size >= 0 && bytes > opts.size) {
         fail(new ImageError('SIZE_INVALID', `blob ${opts.expected ?? ''}: more than the expected ${opts.size} bytes`))
         return
       }
-      hash?.update(chunk)
-      if (!out.write(chunk)) {
-        stream.pause()
-        out.once('drain', resume)
+      if (file.failure) {
+        fail(file.failure)
+        return
       }
+      if (!file.write(chunk, resume)) stream.pause()
     })
-    stream.once('end', () => out.end())
+    stream.once('end', () => {
+      file.finish().then((written) => {
+        if (done) return
+        done = true
+        opts.signal?.removeEventListener('abort', onAbort)
+        resolve(written)
+      }, fail)
+    })
     stream.once('error', fail)
     stream.once('close', () => {
       if (!stream.readableEnded) fail(new ImageError('BLOB_UNKNOWN', 'the blob stream closed before its end'))
-    })
-    out.once('error', fail)
-    out.once('finish', () => {
-      if (done) return
-      done = true
-      opts.signal?.removeEventListener('abort', onAbort)
-      resolve(bytes)
     })
   })
 }
@@ -149,15 +158,6 @@ export async function writeBlobBytes(dir: string, bytes: Buffer, expected?: Dige
   if (existing) return digest
   await writeBlob(dir, Readable.from([bytes]), { expected: digest, size: bytes.length, durable: opts.durable })
   return digest
-}
-
-async function syncFile(path: string): Promise<void> {
-  const fh = await open(path, 'r+')
-  try {
-    await fh.sync()
-  } finally {
-    await fh.close()
-  }
 }
 
 /**

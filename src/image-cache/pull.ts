@@ -208,20 +208,23 @@ export async function pullFromRegistry(dir: string, remote: Remote, platforms: P
   const offered = parseOffered(top.bytes, root)
   if (sel.absent.length) throw platformsMissing(remote.named.toString(), sel.absent, offered)
   if (sel.missing.length) throw new ImageError('MANIFEST_UNKNOWN', `${remote.where}: ${sel.missing.join('; ')}`)
-  for (const [digest, bytes] of fetched) await writeBlobBytes(dir, bytes, digest, { durable: false })
   const layers = new Map<Digest, Descriptor>()
   for (const b of sel.blobs) if (!fetched.has(b.digest) && b.digest !== root.digest && !isManifestOf(sel, b)) layers.set(b.digest, b)
-  const todo: Descriptor[] = []
-  for (const b of layers.values()) if (!(await hasBlob(dir, b))) todo.push(b)
+  let downloaded = 0
   let bytes = 0
-  await eachLimit(todo, opts.concurrency ?? 6, async (b) => {
+  // the manifests and configs fetched are stored while the layers download
+  const small = Promise.all([...fetched].map(([digest, b]) => writeBlobBytes(dir, b, digest, { durable: false })))
+  const large = eachLimit([...layers.values()], opts.concurrency ?? 6, async (b) => {
     signal?.throwIfAborted()
-    const n = await remote.download(dir, b, signal)
-    bytes += n
+    if (await hasBlob(dir, b)) return
+    bytes += await remote.download(dir, b, signal)
+    downloaded++
   })
+  const stored = await Promise.allSettled([small, large])
+  for (const r of stored) if (r.status === 'rejected') throw r.reason
   await writeBlobBytes(dir, top.bytes, root.digest, { durable: false })
-  log('pulled %s (%s): %d blobs downloaded (%d bytes), %d present', remote.named.toString(), root.digest, todo.length, bytes, layers.size - todo.length)
-  return { root, blobs: sel.blobs, downloaded: todo.length, bytes }
+  log('pulled %s (%s): %d blobs downloaded (%d bytes), %d present', remote.named.toString(), root.digest, downloaded, bytes, layers.size - downloaded)
+  return { root, blobs: sel.blobs, downloaded, bytes }
 }
 
 function isManifestOf(sel: Selection, b: Descriptor): boolean {

@@ -9,6 +9,7 @@ import { type ClientOptions, RegistryClient } from '../registry/client.js'
 import { openBlob } from '../registry/download.js'
 import { type FetchedManifest, fetchManifest } from '../registry/manifests.js'
 import { writeBlob } from './blobs.js'
+import { sharedPiece } from './hash-thread.js'
 
 const log = debug('blobcache:image-cache:remote')
 
@@ -57,8 +58,9 @@ export class Remote {
   /** Downloads a blob into the cache at `dir`, verified against its digest and size. */
   async download(dir: string, d: Pick<Descriptor, 'digest' | 'size'>, signal?: AbortSignal): Promise<number> {
     this.counts.blobs++
-    // the registry client checks sizes and resumes broken bodies; writeBlob hashes (once)
-    const { stream } = await openBlob(this.client, this.repository, d.digest, d.size, { signal, verify: false })
+    // the registry client checks sizes and resumes broken bodies; writeBlob hashes (once), on
+    // the hashing thread for large blobs, straight from the shared memory the pieces arrive in
+    const { stream } = await openBlob(this.client, this.repository, d.digest, d.size, { signal, verify: false, allocate: sharedPiece })
     const { size } = await writeBlob(dir, stream, { expected: d.digest, size: d.size, signal })
     log('downloaded %s (%d bytes) from %s', d.digest, size, this.where)
     return size

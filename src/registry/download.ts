@@ -23,6 +23,12 @@ export interface OpenBlobOptions {
    * which is the main-thread cost of a pull; sizes and resume offsets are checked either way.
    */
   verify?: boolean
+  /**
+   * Where the 1 MiB pieces are gathered (see {@link COALESCE_BYTES}): called with a piece's
+   * length, returns a buffer of that length which the stream fills and passes on, e.g. reused
+   * shared memory that the consumer gives back once done with it. Default: a new Buffer each.
+   */
+  allocate?: (length: number) => Buffer
 }
 
 /**
@@ -74,7 +80,7 @@ export async function openBlob(
   const total = size >= 0 ? size : Number.isSafeInteger(length) ? length : -1
   const stream = new ResumableBlob(
     first,
-    { digest, repository, size: total, verify: opts.verify ?? true, resumes: opts.resumes ?? 5, signal: opts.signal, reopen: (offset) => get(offset) },
+    { digest, repository, size: total, verify: opts.verify ?? true, resumes: opts.resumes ?? 5, allocate: opts.allocate, signal: opts.signal, reopen: (offset) => get(offset) },
     client,
   )
   return { stream, size: total }
@@ -86,6 +92,7 @@ interface ResumableOptions {
   size: number
   verify: boolean
   resumes: number
+  allocate?: (length: number) => Buffer
   signal?: AbortSignal
   reopen: (offset: number) => Promise<RegistryResponse>
 }
@@ -161,7 +168,8 @@ class ResumableBlob extends Readable {
   /** Passes the held bytes on; returns what `push` returned. */
   #release(): boolean {
     if (this.#heldBytes === 0) return true
-    const out = this.#held.length === 1 ? this.#held[0] : Buffer.concat(this.#held, this.#heldBytes)
+    const { allocate } = this.#opts
+    const out = allocate ? gather(this.#held, allocate(this.#heldBytes)) : this.#held.length === 1 ? this.#held[0] : Buffer.concat(this.#held, this.#heldBytes)
     this.#held = []
     this.#heldBytes = 0
     this.#verify.write(out)
@@ -252,4 +260,11 @@ class SizeCheck extends Writable {
     if (this.size >= 0 && this.#bytes !== this.size) cb(new ImageError('SIZE_INVALID', `blob ${this.digest}: got ${this.#bytes} bytes, expected ${this.size}`))
     else cb()
   }
+}
+
+/** Copies `chunks` one after the other into `out`. */
+function gather(chunks: Buffer[], out: Buffer): Buffer {
+  let offset = 0
+  for (const c of chunks) offset += c.copy(out, offset)
+  return out
 }
