@@ -3,7 +3,7 @@
 // and reads that translate ENOENT into the distribution-spec codes.
 import { randomBytes } from 'node:crypto'
 import { type WriteStream, constants, createReadStream, createWriteStream } from 'node:fs'
-import { chmod, copyFile, mkdir, open, rename, rm, stat } from 'node:fs/promises'
+import { chmod, copyFile, link, lstat, mkdir, open, rename, rm, stat } from 'node:fs/promises'
 import { once } from 'node:events'
 import { dirname, join } from 'node:path'
 import { addAbortSignal, type Readable } from 'node:stream'
@@ -91,8 +91,10 @@ export async function writeBlob(stream: Readable, tempDir: string, target: BlobT
 
 /**
  * Copies a local file whose bytes are known to hash to `opts.expected` into place through a
- * temporary file (`fs.copyFile`, which may clone). Without `expected` the file is hashed while
- * being copied. A wrong size fails `SIZE_INVALID` and leaves nothing.
+ * temporary file: a hard link when the file is on the same file system and a plain regular file
+ * of mode 0644 (content-addressed blobs are never written in place, so the two names can share
+ * one inode and no byte is copied), else `fs.copyFile` (which may clone). Without `expected` the
+ * file is hashed while being copied. A wrong size fails `SIZE_INVALID` and leaves nothing.
  */
 export async function copyBlob(from: string, tempDir: string, target: BlobTarget, opts: WriteBlobOptions = {}): Promise<StoredBlob> {
   if (!opts.expected) {
@@ -103,8 +105,7 @@ export async function copyBlob(from: string, tempDir: string, target: BlobTarget
   opts.signal?.throwIfAborted()
   const tmp = tempPath(tempDir)
   try {
-    await copyFile(from, tmp, constants.COPYFILE_FICLONE)
-    await chmod(tmp, 0o644)
+    await linkOrCopy(from, tmp)
     const { size } = await stat(tmp)
     if (opts.size !== undefined && opts.size >= 0 && size !== opts.size) {
       throw new ImageError('SIZE_INVALID', `blob ${opts.expected}: ${from} has ${size} bytes, expected ${opts.size}`)
@@ -115,6 +116,25 @@ export async function copyBlob(from: string, tempDir: string, target: BlobTarget
   } finally {
     await rm(tmp, { force: true })
   }
+}
+
+/**
+ * Gives `tmp` the bytes of `from`: a hard link where one can be made to a plain 0644 file (a
+ * blob-cache entry, a layout's blob), else a copy with mode 0644. The mode of `from` is never
+ * changed: a file of another mode, or on another file system, is copied.
+ */
+async function linkOrCopy(from: string, tmp: string): Promise<void> {
+  try {
+    const st = await lstat(from)
+    if (st.isFile() && (st.mode & 0o7777) === 0o644) {
+      await link(from, tmp)
+      return
+    }
+  } catch (err) {
+    log('no hard link from %s (%s): copying', from, errnoCode(err) ?? (err as Error).message)
+  }
+  await copyFile(from, tmp, constants.COPYFILE_FICLONE)
+  await chmod(tmp, 0o644)
 }
 
 async function place(tmp: string, path: string, digest: Digest, size: number): Promise<StoredBlob> {
