@@ -139,6 +139,25 @@ describe.skipIf(!hasRegistry)('SharedTier against docker-registry', () => {
     expect((await entryOf(registry.host, repo, cfg.digest))!.annotations).toEqual({ [ANNOTATION.kind]: 'config' })
   })
 
+  it('retries: a blob upload answered 500 once and an entry PUT cut once still land, with no warning', async () => {
+    const d = await dir()
+    const { plain, u } = await layerPair(d)
+    proxy.setRules([
+      { method: 'PUT', path: /\/blobs\/uploads\//, count: 1, fault: { kind: 'status', status: 500 } },
+      { method: 'PUT', path: /\/manifests\/sha256-/, count: 1, fault: { kind: 'reset' } },
+    ])
+    const t = tier(proxy.host)
+    t.enqueue(d, u.name)
+    const stats = await t.flush()
+    expect(stats).toMatchObject({ uploaded: 1, failed: 0, dropped: 0, warnings: 0 })
+    expect(warnings).toEqual([])
+    const faulted = proxy.requests.filter((r) => r.method === 'PUT')
+    expect(faulted.filter((r) => /\/blobs\/uploads\//.test(r.path)).length).toBeGreaterThanOrEqual(2)
+    expect(faulted.filter((r) => /\/manifests\/sha256-/.test(r.path)).length).toBeGreaterThanOrEqual(2)
+    expect((await http(registry.host, `/v2/${repo}/blobs/${u.digest}`)).body.equals(plain)).toBe(true)
+    expect(await entryOf(registry.host, repo, u.digest)).toMatchObject({ layers: [{ digest: u.digest, size: u.size }] })
+  })
+
   it('a second enqueue of a blob the tier holds uploads nothing (stats.skipped), in this process or a fresh one', async () => {
     const d = await dir()
     const { u } = await layerPair(d)
