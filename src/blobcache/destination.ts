@@ -127,8 +127,9 @@ export class BlobCacheDestination implements ImageDestination {
       return undefined
     }
     // putBlobFromFile trusts the file to match its digest; an entry damaged since it was named
-    // would be stored unverified, so it is hashed first (putBlob verifies the stream itself).
-    // A blob just fetched from the shared tier was verified as it was written.
+    // would be stored unverified, so it is checked first: its verification stamp, else its hash
+    // (putBlob verifies the stream itself). A blob just fetched from the shared tier was
+    // verified as it was written.
     if (found && this.#inner.putBlobFromFile && !(await this.#intact(found.path, digest, found.name, opts))) found = undefined
     if (!found) found = await this.#fetchShared(digest, info.size, opts)
     if (!found) return undefined
