@@ -9,57 +9,40 @@
 // cache-cold cache-warm. Commands of a case are alternated run by run, each run gets a fresh
 // destination (removed before it, outside the timing), and one untimed warm-up run of each
 // command comes first. Prints medians and ratios, and writes bench/results.json.
-import { execFileSync, spawn } from 'node:child_process'
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { execFileSync } from 'node:child_process'
+import { existsSync, readFileSync } from 'node:fs'
 import { mkdir, rm } from 'node:fs/promises'
-import { cpus, loadavg, tmpdir, totalmem } from 'node:os'
-import { dirname, join, resolve } from 'node:path'
-import { fileURLToPath } from 'node:url'
-import { parseArgs } from 'node:util'
+import { loadavg } from 'node:os'
+import { join, resolve } from 'node:path'
 import { ensureDirImage, ensureOciImage } from './make-image.mjs'
-import { which, median, round3, log, usage } from './util.mjs'
+import {
+  BASE_IMAGE, ROOT, benchArgs, benchWorkDir, builtCli, exec, log, machineInfo, median, printColumns, round3, skopeoPolicy,
+  timeAlternating, usage, which, writeResults,
+} from './util.mjs'
 
 const MiB = 1 << 20
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
-const CLI = join(ROOT, 'dist', 'cli.js')
 
 const CASES = ['oci-dir', 'oci-oci', 'oci-oci-archive', 'oci-archive-oci', 'dir-oci']
 const ALL = [...CASES, 'rss', 'cache-cold', 'cache-warm']
 
-const { values: opts } = parseArgs({
-  options: {
-    runs: { type: 'string', default: '5' },
-    only: { type: 'string' },
-    cache: { type: 'string', default: join(tmpdir(), 'blobcache-bench-v1') },
-    'no-warmup': { type: 'boolean', default: false },
-    help: { type: 'boolean', short: 'h', default: false },
-  },
-})
-if (opts.help) {
-  console.log(
-    'usage: node bench/run.mjs [--runs N] [--only CASE[,CASE…]] [--cache DIR] [--no-warmup]\n' +
-      `cases: ${ALL.join(' ')}\n` +
-      'images are generated once and kept in --cache (default $TMPDIR/blobcache-bench-v1)',
-  )
-  process.exit(0)
-}
-const runs = Number(opts.runs)
-if (!Number.isInteger(runs) || runs < 1) usage(`--runs must be a positive integer, not ${opts.runs}`)
+const { opts, runs } = benchArgs(
+  'usage: node bench/run.mjs [--runs N] [--only CASE[,CASE…]] [--cache DIR] [--no-warmup]\n' +
+    `cases: ${ALL.join(' ')}\n` +
+    'images are generated once and kept in --cache (default $TMPDIR/blobcache-bench-v1)',
+  { only: { type: 'string' }, 'no-warmup': { type: 'boolean', default: false } },
+)
 const only = opts.only ? opts.only.split(',').map((s) => s.trim()).filter(Boolean) : ALL
 for (const c of only) if (!ALL.includes(c)) usage(`unknown case ${c}; cases: ${ALL.join(' ')}`)
-if (!existsSync(CLI)) usage(`${CLI} is missing: run \`npm run build\` first (npm run bench does)`)
+const CLI = builtCli(join(ROOT, 'dist', 'cli.js'), 'run `npm run build` first (npm run bench does)')
 
 const skopeoBin = which('skopeo')
 const timeBin = existsSync('/usr/bin/time') ? '/usr/bin/time' : undefined
-const work = mkdtempSync(join(tmpdir(), 'blobcache-bench-run-'))
-const policy = join(work, 'policy.json')
-writeFileSync(policy, JSON.stringify({ default: [{ type: 'insecureAcceptAnything' }] }))
-process.on('exit', () => execFileSync('rm', ['-rf', work]))
-process.on('SIGINT', () => process.exit(130))
+const work = benchWorkDir('blobcache-bench-run-')
+const policy = skopeoPolicy(work)
 
 const results = {
   date: new Date().toISOString(),
-  machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 2 ** 30), node: process.version, loadavgAtStart: loadavg() },
+  machine: { ...machineInfo(), loadavgAtStart: loadavg() },
   skopeo: skopeoBin ? execFileSync(skopeoBin, ['--version'], { encoding: 'utf8' }).trim() : null,
   runs,
   cases: [],
@@ -73,7 +56,7 @@ const cacheDir = resolve(opts.cache)
 await mkdir(cacheDir, { recursive: true })
 const base = join(cacheDir, 'oci-4x64')
 if (!existsSync(join(base, '.complete.json'))) log(`generating the images in ${cacheDir} (first run only: about a minute)`)
-const baseMeta = await ensureOciImage(base, { layers: 4, layerBytes: 64 * MiB, randomShare: 0.5, level: 6 })
+const baseMeta = await ensureOciImage(base, BASE_IMAGE)
 const dirImage = join(cacheDir, 'dir-4x64')
 await ensureDirImage(dirImage, base, baseMeta)
 const archive = join(cacheDir, 'oci-4x64.tar')
@@ -110,7 +93,7 @@ for (const name of CASES.filter((c) => only.includes(c))) {
   const dst = destinations[to]
   const cmds = { ours: ours(src, dst) }
   if (skopeoBin) cmds.skopeo = theirs(src, dst)
-  const times = await timeAlternating(name, cmds, clean)
+  const times = await timeCase(name, cmds, clean)
   const row = compare(`${from} -> ${to}`, times, 'ours', 'skopeo', 0.6)
   results.cases.push({ name, src, dst, ...row })
   table.push(row)
@@ -127,7 +110,7 @@ if (wantCache && !cliHas('--blob-cache')) {
   if (only.includes('cache-cold')) {
     const cmds = { cold: ours(src, dst, ['--blob-cache', blobCache]), ours: ours(src, dst) }
     if (skopeoBin) cmds.skopeo = theirs(src, dst)
-    const times = await timeAlternating('cache-cold', cmds, () =>
+    const times = await timeCase('cache-cold', cmds, () =>
       Promise.all([clean(), rm(blobCache, { recursive: true, force: true })]),
     )
     const a = compare('cold cache vs skopeo', times, 'cold', 'skopeo', 1.0)
@@ -140,7 +123,7 @@ if (wantCache && !cliHas('--blob-cache')) {
     await clean()
     await exec(...ours(src, dst, ['--blob-cache', blobCache])) // fills the cache
     const cmds = { warm: ours(src, dst, ['--blob-cache', blobCache]), ours: ours(src, dst) }
-    const times = await timeAlternating('cache-warm', cmds, clean)
+    const times = await timeCase('cache-warm', cmds, clean)
     const row = compare('warm cache vs no cache', times, 'warm', 'ours', 0.5)
     results.cache.push({ name: 'cache-warm-vs-ours', ...row })
     table.push(row)
@@ -183,38 +166,21 @@ if (only.includes('rss')) {
 }
 
 results.machine.loadavgAtEnd = loadavg()
-const out = join(ROOT, 'bench', 'results.json')
-writeFileSync(out, JSON.stringify(results, null, 2) + '\n')
-console.log(`\nwrote ${out}`)
+writeResults('results.json', results)
 process.exitCode = failed ? 1 : 0
 
 // ---- helpers -----------------------------------------------------------------------------------
 
-/** Runs each command `runs` times, alternating them, after one untimed warm-up of each. */
-async function timeAlternating(name, cmds, prepare) {
-  const times = Object.fromEntries(Object.keys(cmds).map((k) => [k, []]))
-  const broken = new Set()
-  const rounds = opts['no-warmup'] ? runs : runs + 1
+/**
+ * Times the commands of one case, alternated (timeAlternating), with a fresh `prepare()` before
+ * each run and once after the last; resolves the seconds per command, rounded, null when it failed.
+ */
+async function timeCase(name, cmds, prepare) {
   log(`${name}: ${Object.keys(cmds).join(' / ')}, ${runs} runs each`)
-  for (let round = 0; round < rounds; round++) {
-    for (const [key, [cmd, args]] of Object.entries(cmds)) {
-      if (broken.has(key)) continue
-      await prepare()
-      const t0 = performance.now()
-      const r = await exec(cmd, args)
-      const seconds = (performance.now() - t0) / 1000
-      if (r.code !== 0) {
-        broken.add(key)
-        failed = true
-        console.error(`  ${key} failed (exit ${r.code}): ${cmd} ${args.join(' ')}\n    ${r.stderr.trim().split('\n').slice(-5).join('\n    ')}`)
-        continue
-      }
-      if (round > 0 || opts["no-warmup"]) times[key].push(round3(seconds))
-    }
-  }
+  const r = await timeAlternating({ cmds, runs, prepare, warmup: !opts['no-warmup'] })
   await prepare()
-  for (const k of broken) times[k] = null
-  return times
+  if (r.failed) failed = true
+  return Object.fromEntries(Object.entries(r.times).map(([key, ts]) => [key, ts && ts.map(round3)]))
 }
 
 function compare(label, times, a, b, target) {
@@ -246,10 +212,7 @@ function printTable(rows) {
     `<= ${r.target.toFixed(1)}`,
     r.ratio === null ? '' : r.pass ? 'ok' : 'MISS',
   ])
-  const widths = head.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i].length)))
-  const fmt = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ').trimEnd()
-  console.log(`\n${fmt(head)}\n${widths.map((w) => '-'.repeat(w)).join('  ')}`)
-  for (const l of lines) console.log(fmt(l))
+  printColumns(head, lines)
 }
 
 /** Peak resident memory of one run, in MiB, by /usr/bin/time or by polling VmHWM. */
@@ -266,39 +229,20 @@ async function peakRss(cmd, args) {
     return { mib: round3(Number(m[1]) / 1024), seconds: round3(seconds) }
   }
   let peakKiB = 0
-  const r = await exec(cmd, args, (pid) =>
-    setInterval(() => {
+  const watch = (child) => {
+    const timer = setInterval(() => {
       try {
-        const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
+        const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))
         if (m) peakKiB = Math.max(peakKiB, Number(m[1]))
       } catch {
         // exited between polls
       }
-    }, 20),
-  )
+    }, 20)
+    return () => clearInterval(timer)
+  }
+  const r = await exec(cmd, args, { watch })
   if (r.code !== 0) return undefined
   return { mib: round3(peakKiB / 1024), seconds: round3((performance.now() - t0) / 1000) }
-}
-
-/** Spawns without a shell; resolves { code, stderr }. `watch(pid)` may return an interval. */
-function exec(cmd, args, watch) {
-  return new Promise((resolvePromise, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] })
-    const timer = watch?.(child.pid)
-    let stderr = ''
-    child.stderr.setEncoding('utf8')
-    child.stderr.on('data', (s) => {
-      stderr = (stderr + s).slice(-20_000)
-    })
-    child.on('error', (err) => {
-      if (timer) clearInterval(timer)
-      reject(err)
-    })
-    child.on('close', (code, signal) => {
-      if (timer) clearInterval(timer)
-      resolvePromise({ code: code ?? (signal ? 128 : 1), stderr })
-    })
-  })
 }
 
 function cliHas(flag) {
@@ -314,11 +258,6 @@ function splitCase(name) {
   return [name.slice(0, i), name.slice(i + 1)]
 }
 
-
-
-
 function fmtMiB(r) {
   return r ? `${r.mib.toFixed(1).padStart(7)} MiB in ${r.seconds.toFixed(2)} s` : 'error'
 }
-
-

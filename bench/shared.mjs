@@ -15,54 +15,38 @@
 //   node bench/shared.mjs [--runs N] [--rate MB/s] [--cache DIR] [--cli dist/cli.js]
 //
 // Both registries are Debian's docker-registry on 127.0.0.1, started and stopped by pid.
-import { execFileSync, spawn } from 'node:child_process'
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { execFileSync } from 'node:child_process'
+import { readFileSync } from 'node:fs'
 import { mkdir, rm } from 'node:fs/promises'
-import { cpus, loadavg, tmpdir, totalmem } from 'node:os'
-import { dirname, join, resolve } from 'node:path'
-import { fileURLToPath } from 'node:url'
-import { parseArgs } from 'node:util'
-import { ensureOciImage } from './make-image.mjs'
-import { benchRegistry, log, median, round3, startThrottleProxy, usage, which } from './util.mjs'
+import { loadavg } from 'node:os'
+import { join, resolve } from 'node:path'
+import {
+  BASE_IMAGE, baseImage, benchArgs, benchRegistry, benchWorkDir, builtCli, cliOption, exec, log, machineInfo, median,
+  requireTools, round3, startThrottleProxy, usage, writeResults,
+} from './util.mjs'
 
 const MiB = 1 << 20
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const TARGET = 0.4
 
-const { values: opts } = parseArgs({
-  options: {
-    runs: { type: 'string', default: '5' },
-    rate: { type: 'string', default: '50' },
-    cache: { type: 'string', default: join(tmpdir(), 'blobcache-bench-v1') },
-    cli: { type: 'string', default: join(ROOT, 'dist', 'cli.js') },
-    help: { type: 'boolean', short: 'h', default: false },
-  },
+const { opts, runs } = benchArgs('usage: node bench/shared.mjs [--runs N] [--rate MB/s] [--cache DIR] [--cli PATH]', {
+  rate: { type: 'string', default: '50' },
+  cli: cliOption,
 })
-if (opts.help) {
-  console.log('usage: node bench/shared.mjs [--runs N] [--rate MB/s] [--cache DIR] [--cli PATH]')
-  process.exit(0)
-}
-const runs = Number(opts.runs)
-if (!Number.isInteger(runs) || runs < 1) usage(`--runs must be a positive integer, not ${opts.runs}`)
 const rate = Number(opts.rate)
 if (!(rate > 0)) usage(`--rate must be a positive number of MB/s, not ${opts.rate}`)
-const CLI = resolve(opts.cli)
-if (!existsSync(CLI)) usage(`${CLI} is missing: run \`npm run build\` first`)
-if (!which('docker-registry')) usage('docker-registry is not on PATH')
+const CLI = builtCli(opts.cli)
+requireTools('docker-registry')
 
-const work = mkdtempSync(join(tmpdir(), 'blobcache-bench-shared-'))
 let origin
 let tier
 let proxy
 let running
-process.on('exit', () => {
+const work = benchWorkDir('blobcache-bench-shared-', () => {
   // the last resort on any way out: every process this script started, by its pid
   if (running?.exitCode === null) running.kill('SIGKILL')
   origin?.killNow()
   tier?.killNow()
-  execFileSync('rm', ['-rf', work])
 })
-process.on('SIGINT', () => process.exit(130))
 
 let failed = false
 try {
@@ -79,12 +63,7 @@ process.exitCode = failed ? 1 : 0
 
 async function main() {
   // ---- image, registries, proxy ----------------------------------------------------------------
-  const cacheDir = resolve(opts.cache)
-  await mkdir(cacheDir, { recursive: true })
-  const base = join(cacheDir, 'oci-4x64')
-  log(`preparing the image in ${cacheDir} (first run only: a few minutes)`)
-  const meta = await ensureOciImage(base, { layers: 4, layerBytes: 64 * MiB, randomShare: 0.5, level: 6 })
-  log(`image: 4 layers x 64 MiB content, gzip: ${(meta.blobBytes / MiB).toFixed(1)} MiB of blobs`)
+  const { base, meta } = await baseImage(resolve(opts.cache))
 
   await Promise.all([mkdir(join(work, 'origin')), mkdir(join(work, 'tier'))])
   origin = await benchRegistry(join(work, 'origin'))
@@ -95,7 +74,7 @@ async function main() {
 
   const remote = `docker://${proxy.host}/bench/app:latest`
   const tierName = `docker://${tier.host}/bench/cache`
-  const pushed = await exec([CLI, 'copy', '-q', '--dest-tls-verify=false', `oci:${base}:latest`, `docker://${origin.host}/bench/app:latest`])
+  const pushed = await timed([CLI, 'copy', '-q', '--dest-tls-verify=false', `oci:${base}:latest`, `docker://${origin.host}/bench/app:latest`])
   if (pushed.code !== 0) throw new Error(`pushing the image to the origin failed: ${pushed.stderr}`)
 
   // ---- the first machine fills the tier --------------------------------------------------------
@@ -147,9 +126,9 @@ async function main() {
   )
   const results = {
     date: new Date().toISOString(),
-    machine: { cpus: cpus().length, cpu: cpus()[0]?.model, memGiB: Math.round(totalmem() / 2 ** 30), node: process.version, loadavg: loadavg() },
+    machine: { ...machineInfo(), loadavg: loadavg() },
     registry: execFileSync('docker-registry', ['--version'], { encoding: 'utf8' }).trim(),
-    image: { layers: 4, layerBytes: 64 * MiB, blobBytes: meta.blobBytes, manifestDigest: meta.manifestDigest },
+    image: { layers: BASE_IMAGE.layers, layerBytes: BASE_IMAGE.layerBytes, blobBytes: meta.blobBytes, manifestDigest: meta.manifestDigest },
     proxyRateMBps: rate,
     runs,
     firstMachineSeconds: round3(first.seconds),
@@ -163,9 +142,7 @@ async function main() {
     target: TARGET,
     pass,
   }
-  const file = join(ROOT, 'bench', 'shared-results.json')
-  writeFileSync(file, JSON.stringify(results, null, 2) + '\n')
-  console.log(`\nwrote ${file}`)
+  writeResults('shared-results.json', results)
 }
 
 /** The copied layout holds the expected manifest. */
@@ -175,23 +152,13 @@ function checkOutput(layout, manifestDigest) {
   if (got !== manifestDigest) throw new Error(`${layout}: manifest ${got}, expected ${manifestDigest}`)
 }
 
-/** Runs `node ...args`, timing it; resolves its exit code, stderr tail and wall seconds. */
-function timed(args) {
+/** Runs `node ...args` (exec, kept in `running` while it runs), timing it; resolves its exit code, stderr tail and wall seconds. */
+async function timed(args) {
   const t0 = performance.now()
-  return exec(args).then((r) => ({ ...r, seconds: (performance.now() - t0) / 1000 }))
-}
-
-function exec(args) {
-  return new Promise((resolvePromise, reject) => {
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'pipe'] })
+  const watch = (child) => {
     running = child
-    let stderr = ''
-    child.stderr.setEncoding('utf8')
-    child.stderr.on('data', (s) => (stderr = (stderr + s).slice(-20_000)))
-    child.on('error', reject)
-    child.on('close', (code, signal) => {
-      running = undefined
-      resolvePromise({ code: code ?? (signal ? 128 : 1), stderr })
-    })
-  })
+    return () => (running = undefined)
+  }
+  const r = await exec(process.execPath, args, { watch })
+  return { ...r, seconds: (performance.now() - t0) / 1000 }
 }
