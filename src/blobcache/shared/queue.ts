@@ -1,5 +1,6 @@
 // The write-behind queue of the shared tier: bounded (beyond `maxQueue` waiting jobs new ones
-// are dropped, counted, with one warning), run `concurrency` at a time, one job per digest at a
+// are dropped, counted, with one warning), run `concurrency` at a time (a job whose entry is
+// written gives its slot back while it waits to check the entry again), one job per digest at a
 // time, deduplicated by digest (a job waiting for a digest absorbs later requests for it; a job
 // whose notes are what this process last wrote for the digest does nothing), each retried with
 // backoff when it failed for a reason that may pass. Nothing here ever rejects.
@@ -39,6 +40,12 @@ export class WriteQueue {
   /** Jobs waiting, by digest, in the order they came. */
   readonly #waiting = new Map<Digest, WriteJob>()
   readonly #running = new Map<Digest, AbortController>()
+  /**
+   * Running jobs that hold one of the `concurrency` slots. A job gives its slot back once its
+   * entry is written and it only waits to check it again (see write.ts), so those waits do not
+   * hold up the uploads behind it.
+   */
+  #active = 0
   /** Per digest, the entry (serialized) this process last brought into the tier. */
   readonly #written = new Map<Digest, string>()
   readonly #idle = new Set<() => void>()
@@ -129,12 +136,23 @@ export class WriteQueue {
 
   #pump(): void {
     for (const [digest, job] of this.#waiting) {
-      if (this.#running.size >= this.#opts.concurrency) break
+      if (this.#active >= this.#opts.concurrency) break
       if (this.#running.has(digest)) continue // one job per digest at a time
       this.#waiting.delete(digest)
       const controller = new AbortController()
       this.#running.set(digest, controller)
-      void this.#run(job, controller.signal).finally(() => {
+      this.#active++
+      let holding = true
+      const release = () => {
+        if (!holding) return
+        holding = false
+        this.#active--
+      }
+      void this.#run(job, controller.signal, () => {
+        release()
+        this.#pump()
+      }).finally(() => {
+        release()
         this.#running.delete(digest)
         this.#finished++
         for (const l of this.#listeners) this.#notify(l)
@@ -152,7 +170,7 @@ export class WriteQueue {
   }
 
   /** Runs one job with its retries and counts its outcome. Never rejects. */
-  async #run(job: WriteJob, signal: AbortSignal): Promise<void> {
+  async #run(job: WriteJob, signal: AbortSignal, releaseSlot: () => void): Promise<void> {
     const counters = this.#core.counters
     for (let attempt = 0; ; attempt++) {
       if (signal.aborted) return void counters.dropped++
@@ -169,7 +187,7 @@ export class WriteQueue {
         }
         const key = formatEntryManifest(ours).toString('utf8')
         if (this.#written.get(job.digest) === key) return void counters.skipped++
-        const outcome = await writeEntry(this.#core, job, ours, signal)
+        const outcome = await writeEntry(this.#core, job, ours, signal, releaseSlot)
         this.#written.set(job.digest, key)
         if (outcome === 'merged') counters.notesMerged++
         else counters[outcome]++

@@ -76,9 +76,17 @@ export async function localEntry(job: WriteJob): Promise<SharedEntry | undefined
 
 /**
  * Brings the tier's entry of `job` up to date with `ours` (see the module comment). Rejects with
- * the failure (the caller counts it), or with `signal.reason`.
+ * the failure (the caller counts it), or with `signal.reason`. `onWritten` is called once the
+ * entry has been written and read back, before the delayed checks (the caller's queue may
+ * start another job meanwhile).
  */
-export async function writeEntry(core: TierCore, job: WriteJob, ours: SharedEntry, signal: AbortSignal): Promise<WriteOutcome> {
+export async function writeEntry(
+  core: TierCore,
+  job: WriteJob,
+  ours: SharedEntry,
+  signal: AbortSignal,
+  onWritten: () => void = () => {},
+): Promise<WriteOutcome> {
   const current = await core.readEntry(job.digest, signal)
   if (current && entryCovers(current, ours)) {
     log('%s: the tier has it all', job.digest)
@@ -88,7 +96,7 @@ export async function writeEntry(core: TierCore, job: WriteJob, ours: SharedEntr
   // an entry of the right size proves the blob is there: the registry checked it when the entry was written
   if (!current || current.size !== ours.size) outcome = await ensureBlob(core, job, ours.size, signal)
   await core.ensureEmptyConfig(signal)
-  await writeManifest(core, ours, signal)
+  await writeManifest(core, ours, signal, onWritten)
   return outcome
 }
 
@@ -136,7 +144,7 @@ function jitter(min: number, max: number): number {
  * {@link MAX_WRITE_ROUNDS} rounds, with jittered backoff. Resolves the entry the tier holds
  * (also remembered for lookups).
  */
-async function writeManifest(core: TierCore, ours: SharedEntry, signal: AbortSignal): Promise<SharedEntry> {
+async function writeManifest(core: TierCore, ours: SharedEntry, signal: AbortSignal, onWritten: () => void): Promise<SharedEntry> {
   const tag = entryTag(ours.digest)!
   for (let round = 1; round <= MAX_WRITE_ROUNDS; round++) {
     const started = Date.now()
@@ -147,6 +155,7 @@ async function writeManifest(core: TierCore, ours: SharedEntry, signal: AbortSig
       current = await core.readEntry(ours.digest, signal)
     }
     if (current && entryCovers(current, ours)) {
+      onWritten()
       current = await recheck(core, ours, Date.now() - started, signal)
       if (current) {
         core.remember(current)
