@@ -18,6 +18,7 @@ import { FILE_MODE, HIGH_WATER_MARK, atomicWriteFile, entryName, fileExists, rem
 import type { BlobCache } from './reference.js'
 import type { Counters } from './stats.js'
 import { CacheTee, type TeeOutcome } from './tee.js'
+import { type TierFetched, fetchFromTier } from './tier-reads.js'
 import { makeCompressedVariant } from './variants.js'
 
 const log = debug('blobcache:blobcache:destination')
@@ -261,18 +262,13 @@ export class BlobCacheDestination implements ImageDestination {
     if (outcome.stored && outcome.algorithm === null) this.#ensureVariant(digest, info, opts)
   }
 
-  /** The blob fetched from the shared tier into the cache (verified), or undefined. Rejects only when aborted. */
-  async #fetchShared(digest: Digest, size: number, opts: CallOptions): Promise<{ path: string; name: string; size: number; isConfig: boolean } | undefined> {
+  /** The blob fetched from the shared tier into the cache (verified), or undefined (see fetchFromTier). */
+  #fetchShared(digest: Digest, size: number, opts: CallOptions): Promise<TierFetched | undefined> {
     const tier = this.reference.shared
-    if (!tier) return undefined
-    try {
-      return await tier.fetchInto(this.#dir, digest, size, opts.signal)
-    } catch (err) {
-      if (opts.signal?.aborted) throw opts.signal.reason
-      this.#error(`fetching ${digest} from the shared tier`, err)
-      return undefined
-    }
+    if (!tier) return Promise.resolve(undefined)
+    return fetchFromTier(tier, this.#dir, { digest, size }, opts, (what, err) => this.#error(what, err))
   }
+
 
   /**
    * In `compress` mode, makes sure the cached layer `digest` has a variant in the cache's

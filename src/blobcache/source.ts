@@ -18,15 +18,10 @@ import { fileRanges, streamRanges } from './ranges.js'
 import type { BlobCache } from './reference.js'
 import type { SharedTier } from './shared/tier.js'
 import type { Counters } from './stats.js'
+import { type TierFetched, fetchFromTier, manifestFromTier, prefetchSubstitutes } from './tier-reads.js'
 import { type SubstitutionView, substituteLayer, tieredView } from './substitution.js'
 
 const log = debug('blobcache:blobcache:source')
-
-/** Tier-only substitutes fetched into the directory at once by layerInfosForCopy. */
-const PREFETCH_CONCURRENCY = 4
-
-/** A blob fetched from the shared tier into the cache directory (verified). */
-type Fetched = { path: string; name: string; size: number }
 
 /**
  * An image source that reads through a {@link BlobCache}. A cache failure is logged, counted
@@ -91,8 +86,11 @@ export class BlobCacheSource implements ImageSource {
         this.#error(`reading cached manifest ${digest}`, err)
       }
       if (absent && this.#tier) {
-        const shared = await this.#sharedManifest(digest, opts)
-        if (shared) return shared
+        const shared = await manifestFromTier(this.#tier, this.#dir, digest, opts, (what, err) => this.#error(what, err))
+        if (shared) {
+          this.#counters.hit()
+          return shared
+        }
       }
     }
     this.#counters.miss()
@@ -159,7 +157,7 @@ export class BlobCacheSource implements ImageSource {
         subs.push(undefined)
       }
     }
-    if (this.#tier) await this.#prefetch(subs, opts)
+    if (this.#tier) await prefetchSubstitutes(this.#tier, this.#dir, subs, opts, (what, err) => this.#error(what, err))
     let changed = false
     const out = layers.map((layer, i) => {
       const sub = subs[i]
@@ -233,27 +231,14 @@ export class BlobCacheSource implements ImageSource {
     }
   }
 
-  /**
-   * The blob fetched from the shared tier into the directory (verified, with `info.size` when
-   * that is known), or undefined: no tier, no digest, not in the tier, or the tier failed
-   * (the tier counts and reports that). Rejects only when aborted.
-   */
-  async #fetchShared(info: BlobInfo, opts: CallOptions): Promise<Fetched | undefined> {
-    if (!this.#tier || !info.digest) return undefined
-    const digest = parseDigest(info.digest)
-    try {
-      const fetched = await this.#tier.fetchInto(this.#dir, digest, info.size, opts.signal)
-      if (fetched) log('%s fetched from the shared tier (%d bytes)', digest, fetched.size)
-      return fetched
-    } catch (err) {
-      if (opts.signal?.aborted) throw opts.signal.reason
-      this.#error(`fetching ${digest} from the shared tier`, err)
-      return undefined
-    }
+  /** The blob fetched from the shared tier into the directory, or undefined (see fetchFromTier). */
+  #fetchShared(info: BlobInfo, opts: CallOptions): Promise<TierFetched | undefined> {
+    if (!this.#tier) return Promise.resolve(undefined)
+    return fetchFromTier(this.#tier, this.#dir, info, opts, (what, err) => this.#error(what, err))
   }
 
   /** Opens a blob just fetched (and verified) from the tier; undefined if it is gone already. */
-  async #openFetched(fetched: Fetched, opts: CallOptions): Promise<{ stream: Readable; size: number } | undefined> {
+  async #openFetched(fetched: TierFetched, opts: CallOptions): Promise<{ stream: Readable; size: number } | undefined> {
     let handle
     try {
       handle = await open(fetched.path, READ_NOFOLLOW)
@@ -265,45 +250,6 @@ export class BlobCacheSource implements ImageSource {
     const stream = handle.createReadStream({ highWaterMark: HIGH_WATER_MARK })
     if (opts.signal) addAbortSignal(opts.signal, stream)
     return { stream, size: fetched.size }
-  }
-
-  /** An instance manifest from the shared tier (fetched into the directory), or undefined. */
-  async #sharedManifest(digest: Digest, opts: CallOptions): Promise<{ bytes: Buffer; mediaType: string } | undefined> {
-    const fetched = await this.#fetchShared({ digest, size: -1 }, opts)
-    if (!fetched || fetched.size > MAX_MANIFEST_SIZE) return undefined
-    try {
-      const bytes = await readFile(fetched.path, { signal: opts.signal, flag: READ_NOFOLLOW })
-      const mediaType = guessMediaType(bytes)
-      if (mediaType === '' || digestOf(bytes, digestAlgorithm(digest)) !== digest) return undefined
-      this.#counters.hit()
-      log('manifest %s from the shared tier', digest)
-      return { bytes, mediaType }
-    } catch (err) {
-      if (opts.signal?.aborted) throw opts.signal.reason
-      this.#error(`reading manifest ${digest} fetched from the shared tier`, err)
-      return undefined
-    }
-  }
-
-  /**
-   * Fetches the substitutes that only the shared tier holds into the directory, a few at once,
-   * so that the copy does not depend on the tier staying reachable: a substitute that cannot be
-   * fetched is dropped (the layer is copied as it is).
-   */
-  async #prefetch(subs: (BlobInfo | undefined)[], opts: CallOptions): Promise<void> {
-    const wanted: number[] = []
-    for (const [i, sub] of subs.entries()) {
-      if (sub?.digest && (await fileSize(join(this.#dir, sub.digest)).catch(() => undefined)) === undefined) wanted.push(i)
-    }
-    const next = async (): Promise<void> => {
-      for (let i = wanted.shift(); i !== undefined; i = wanted.shift()) {
-        if (!(await this.#fetchShared(subs[i]!, opts))) {
-          log('substitute %s is not available from the shared tier; keeping the layer', subs[i]!.digest)
-          subs[i] = undefined
-        }
-      }
-    }
-    await Promise.all(Array.from({ length: Math.min(PREFETCH_CONCURRENCY, wanted.length) }, next))
   }
 
   /**
