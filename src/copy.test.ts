@@ -10,7 +10,8 @@ import { type CopyProgressEvent, copyImage } from './copy.js'
 import { digestOf } from './digest.js'
 import { type ImageManifest, type ImageIndex, type Platform, currentPlatform, layerCompressionOf } from './manifest.js'
 import { MediaType } from './media-types.js'
-import type { BlobInfo, ImageReference, ImageSource } from './types.js'
+import type { BlobInfo } from './types.js'
+import { overrideSource } from '../test/helpers/conformance.js'
 
 async function decompress(data: Buffer): Promise<Buffer> {
   const alg = detectCompression(data)
@@ -241,24 +242,14 @@ describe('copyImage (memory transport)', () => {
     let open = 0
     let max = 0
     const inner = slow.parseReference('src')
-    const counting: ImageReference = {
-      transport: inner.transport,
-      stringWithinTransport: () => inner.stringWithinTransport(),
-      dockerReference: () => undefined,
-      newImageDestination: (ctx) => inner.newImageDestination(ctx),
-      deleteImage: (ctx) => inner.deleteImage(ctx),
-      async newImageSource(ctx) {
-        const s = await inner.newImageSource(ctx)
-        return Object.assign(Object.create(s) as ImageSource, {
-          getBlob: async (info: BlobInfo, o?: { signal?: AbortSignal }) => {
-            const blob = await s.getBlob(info, o)
-            max = Math.max(max, ++open)
-            blob.stream.once('close', () => open--)
-            return blob
-          },
-        })
+    const counting = overrideSource(inner, (s) => ({
+      getBlob: async (info: BlobInfo, o?: { signal?: AbortSignal }) => {
+        const blob = await s.getBlob(info, o)
+        max = Math.max(max, ++open)
+        blob.stream.once('close', () => open--)
+        return blob
       },
-    }
+    }))
     const r = await copyImage(counting, memoryTransport(new MemoryStore()).parseReference('dst'), { concurrency })
     expect(r.copied).toBe(layers + 1)
     expect(max).toBe(concurrency ?? 6)

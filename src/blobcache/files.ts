@@ -7,7 +7,6 @@ import { lstat, open, rename, rm } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { type Digest, isDigest } from '../digest.js'
 import { errnoCode } from '../errors.js'
-import { touchEntry } from './stamp.js'
 
 /** Prefix of every temporary file and lock the cache creates; such files are never content. */
 export const TEMP_PREFIX = '.tmp-'
@@ -87,9 +86,7 @@ export async function removeQuietly(path: string): Promise<void> {
  * Marks an entry as used now, so that LRU pruning works on file systems mounted `noatime`,
  * keeping its verification stamp (see stamp.ts). Best effort.
  */
-export function touch(path: string): Promise<void> {
-  return touchEntry(path)
-}
+export { touchEntry as touch } from './stamp.js'
 
 /**
  * The size of the regular file at `path`, or undefined when there is none. A symbolic link is

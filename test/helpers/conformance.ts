@@ -26,6 +26,24 @@ export interface ConformanceOptions {
 }
 
 /** A fresh temporary directory, removed when the current test finishes. */
+/**
+ * `inner` with its sources' methods replaced by what `wrap` returns for each opened source (the
+ * rest forward to that source), so a test can watch or change one method of a real transport.
+ */
+export function overrideSource(inner: ImageReference, wrap: (source: ImageSource) => Partial<ImageSource>): ImageReference {
+  return {
+    transport: inner.transport,
+    stringWithinTransport: () => inner.stringWithinTransport(),
+    dockerReference: () => undefined,
+    newImageDestination: (ctx) => inner.newImageDestination(ctx),
+    deleteImage: (ctx) => inner.deleteImage(ctx),
+    async newImageSource(ctx) {
+      const s = await inner.newImageSource(ctx)
+      return Object.assign(Object.create(s) as ImageSource, wrap(s))
+    },
+  }
+}
+
 export async function testDir(prefix = 'blobcache-test-'): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), prefix))
   onTestFinished(() => rm(dir, { recursive: true, force: true }))

@@ -111,3 +111,17 @@ export function fixturePaths(root: string) {
     archive: (i: number, tag = '') => join(root, `img-${i}${tag}.tar`),
   }
 }
+
+/**
+ * Replaces the value at a path of a JSON document with `value`, copying what it changes (the
+ * path picks keys modulo their count, so any path of numbers lands somewhere).
+ */
+export function mutate(doc: unknown, path: number[], value: unknown): unknown {
+  if (path.length === 0 || typeof doc !== 'object' || doc === null) return value
+  const keys = Object.keys(doc)
+  if (keys.length === 0) return value
+  const k = keys[path[0] % keys.length]
+  const copy: Record<string, unknown> = Array.isArray(doc) ? ([...doc] as unknown as Record<string, unknown>) : { ...(doc as Record<string, unknown>) }
+  copy[k] = mutate(copy[k], path.slice(1), value)
+  return copy
+}

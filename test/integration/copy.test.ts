@@ -17,6 +17,7 @@ import { dir } from '../../src/transports/dir.js'
 import { dockerArchive } from '../../src/transports/docker-archive.js'
 import { ociLayout } from '../../src/transports/oci-layout.js'
 import type { BlobInfo, ImageReference, ImageSource } from '../../src/types.js'
+import { overrideSource } from '../helpers/conformance.js'
 import { MemoryStore, memoryTransport } from '../helpers/memory-transport.js'
 import { peer } from '../helpers/peers.js'
 import { writeRandomImage, writeRandomIndex } from '../helpers/random-image.js'
@@ -240,20 +241,10 @@ describe('copyImage between dir: and oci:', () => {
     const image = await writeRandomImage(dir.parseReference(join(root, 'src')))
     const inner = dir.parseReference(join(root, 'src'))
     const opened: string[] = []
-    const withFiles: ImageReference = {
-      transport: inner.transport,
-      stringWithinTransport: () => inner.stringWithinTransport(),
-      dockerReference: () => undefined,
-      newImageDestination: (ctx) => inner.newImageDestination(ctx),
-      deleteImage: (ctx) => inner.deleteImage(ctx),
-      async newImageSource(ctx) {
-        const s = await inner.newImageSource(ctx)
-        return Object.assign(Object.create(s) as ImageSource, {
-          getBlob: (info: BlobInfo, o?: { signal?: AbortSignal }) => { opened.push(info.digest!); return s.getBlob(info, o) },
-          getVerifiedBlobPath: async (info: BlobInfo) => join(root, 'src', info.digest!.slice(7)),
-        })
-      },
-    }
+    const withFiles = overrideSource(inner, (s) => ({
+      getBlob: (info: BlobInfo, o?: { signal?: AbortSignal }) => { opened.push(info.digest!); return s.getBlob(info, o) },
+      getVerifiedBlobPath: async (info: BlobInfo) => join(root, 'src', info.digest!.slice(7)),
+    }))
     const r = await copyImage(withFiles, ociLayout.parseReference(`${join(root, 'layout')}:x`))
     expect(r).toMatchObject({ digest: image.manifestDigest, copied: 3 })
     expect(opened).toEqual([])

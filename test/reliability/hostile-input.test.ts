@@ -24,7 +24,7 @@ import { knob, recordFigures, runSeed } from '../helpers/children.js'
 import { putBlob } from '../helpers/image-cache-fixtures.js'
 import { checkBlobCacheDir, checkLayoutDir, entryNames, imageContent, treeOf } from '../helpers/invariants.js'
 import type { RandomImage } from '../helpers/random-image.js'
-import { buildImage, writeImageTo } from '../helpers/reliability-fixtures.js'
+import { buildImage, mutate, writeImageTo } from '../helpers/reliability-fixtures.js'
 
 const RUNS = knob('input_runs', 60)
 const seed = runSeed()
@@ -201,17 +201,6 @@ describe('a tampered blob cache', () => {
 })
 
 // ---- hostile manifests and configs ---------------------------------------------------------------
-
-/** Replaces the value at a path of a JSON document (the path picks keys modulo their count). */
-function mutate(doc: unknown, path: number[], value: unknown): unknown {
-  if (path.length === 0 || typeof doc !== 'object' || doc === null) return value
-  const keys = Object.keys(doc)
-  if (keys.length === 0) return value
-  const k = keys[path[0] % keys.length]
-  const copy: Record<string, unknown> = Array.isArray(doc) ? ([...doc] as unknown as Record<string, unknown>) : { ...(doc as Record<string, unknown>) }
-  copy[k] = mutate(copy[k], path.slice(1), value)
-  return copy
-}
 
 const hostileValue = fc.oneof(
   fc.jsonValue({ maxDepth: 2 }),

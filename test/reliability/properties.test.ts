@@ -14,6 +14,7 @@ import { MediaType } from '../../src/media-types.js'
 import { parseNamed, parseNormalizedNamed, withDefaultTag } from '../../src/name.js'
 import { imageName, parseImageName } from '../../src/transports/index.js'
 import { knob, recordFigures, runSeed } from '../helpers/children.js'
+import { mutate } from '../helpers/reliability-fixtures.js'
 
 const RUNS = knob('property_runs', 400)
 const seed = runSeed()
@@ -81,17 +82,6 @@ const indexArb: fc.Arbitrary<ImageIndex> = fc.record(
   },
   { requiredKeys: ['schemaVersion', 'mediaType', 'manifests'] },
 )
-
-/** Replaces the value at a random path of a JSON document with a random JSON value. */
-function mutate(doc: unknown, path: number[], value: unknown): unknown {
-  if (path.length === 0 || typeof doc !== 'object' || doc === null) return value
-  const keys = Object.keys(doc)
-  if (keys.length === 0) return value
-  const k = keys[path[0] % keys.length]
-  const copy: Record<string, unknown> = Array.isArray(doc) ? ([...doc] as unknown as Record<string, unknown>) : { ...(doc as Record<string, unknown>) }
-  copy[k] = mutate(copy[k], path.slice(1), value)
-  return copy
-}
 
 // ---- references ------------------------------------------------------------------------------
 
