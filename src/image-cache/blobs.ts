@@ -12,7 +12,7 @@ import { type Digest, checkDigest, digestAlgorithm, digestHex, digestOf, parseDi
 import { DigestMismatchError, ImageError, errnoCode } from '../errors.js'
 import { type Descriptor, type ParsedManifest, parseManifest } from '../manifest.js'
 import { isManifestMediaType } from '../media-types.js'
-import { BlobFile } from './blob-file.js'
+import { BlobFile } from '../io/blob-file.js'
 
 const log = debug('blobcache:image-cache:blobs')
 

@@ -9,7 +9,7 @@ import { type ClientOptions, RegistryClient } from '../registry/client.js'
 import { openBlob } from '../registry/download.js'
 import { type FetchedManifest, fetchManifest } from '../registry/manifests.js'
 import { writeBlob } from './blobs.js'
-import { sharedPiece } from './hash-thread.js'
+import { sharedPiece } from '../io/hash-thread.js'
 
 const log = debug('blobcache:image-cache:remote')
 

@@ -7,7 +7,7 @@ import debug from 'debug'
 import type { DigestAlgorithm } from '../digest.js'
 import { requireLazily } from '../lazy-require.js'
 
-const log = debug('blobcache:image-cache:hash-thread')
+const log = debug('blobcache:io:hash-thread')
 
 // The worker's code (a CommonJS script). Messages in: [id, algorithm, buffer, offset, length]
 // hashes a piece (answered with [id]), [id, algorithm] answers [id, hex digest] and forgets the

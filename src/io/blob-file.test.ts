@@ -8,7 +8,7 @@ import { describe, expect, it } from 'vitest'
 import { digestOf } from '../digest.js'
 import { tempLeftovers, testDir } from '../../test/helpers/conformance.js'
 import { BlobFile, THREAD_HASH_MIN } from './blob-file.js'
-import { blobPath, writeBlob } from './blobs.js'
+import { blobPath, writeBlob } from '../image-cache/blobs.js'
 import { ThreadHash, giveBackSlab, newSlab, sharedPiece } from './hash-thread.js'
 
 /** `data` cut into pieces of `size` bytes (the last one shorter), made by `make`. */
