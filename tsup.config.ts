@@ -12,7 +12,7 @@ export default defineConfig([
     shims: true,
   },
   {
-    entry: { cli: 'src/cli/main.ts', demo: 'src/demo.ts' },
+    entry: { cli: 'src/cli/bin.ts', demo: 'src/demo.ts' },
     format: ['esm'],
     sourcemap: true,
     target: 'node20',
@@ -25,5 +25,17 @@ export default defineConfig([
     banner: {
       js: "#!/usr/bin/env node\nimport { createRequire as __blobcacheCreateRequire } from 'node:module';\nconst require = __blobcacheCreateRequire(import.meta.url);",
     },
+  },
+  {
+    // The script of the CLI's startup snapshot (src/cli/snapshot.ts; scripts/build-snapshot.mjs
+    // makes dist/cli.blob from it). One CommonJS file with every dependency inside: a snapshot
+    // script can load Node's built-in modules only.
+    entry: { 'cli-snapshot': 'src/cli/snapshot.ts' },
+    format: ['cjs'],
+    target: 'node20',
+    splitting: false,
+    shims: true,
+    noExternal: [/.*/],
+    outExtension: () => ({ js: '.cjs' }),
   },
 ])

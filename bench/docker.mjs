@@ -6,7 +6,7 @@
 //   pull     docker:// -> oci:   into a fresh layout
 //   repush   oci: -> docker://   when the registry already holds every blob
 //
-//   node bench/docker.mjs [--runs N] [--only push,pull,repush] [--cache DIR] [--cli dist/cli.js]
+//   node bench/docker.mjs [--runs N] [--only push,pull,repush] [--cache DIR] [--cli bin/blobcache]
 //
 // The image is bench/make-image.mjs's 4 x 64 MiB one (shared with bench/run.mjs through the same
 // cache directory). Commands alternate run by run after one untimed warm-up each; medians and
@@ -19,7 +19,7 @@ import { rm } from 'node:fs/promises'
 import { loadavg } from 'node:os'
 import { join, resolve } from 'node:path'
 import {
-  baseImage, benchArgs, benchRegistry, benchWorkDir, builtCli, cliOption, exec, log, machineInfo, median, printColumns,
+  baseImage, benchArgs, cliRun, benchRegistry, benchWorkDir, builtCli, cliOption, exec, log, machineInfo, median, printColumns,
   requireTools, round3, skopeoPolicy, timeAlternating, usage, versus, writeResults,
 } from './util.mjs'
 
@@ -50,7 +50,7 @@ const stopRegistry = () => registry.stop()
 const src = `oci:${base}:latest`
 const remote = `docker://${host}/bench/app:latest`
 const dest = join(work, 'pulled')
-const ours = (...args) => ['node', [CLI, 'copy', '-q', ...args]]
+const ours = (...args) => cliRun(CLI, ['copy', '-q', ...args])
 const theirs = (...args) => ['skopeo', ['--policy', policy, 'copy', '-q', ...args]]
 const results = {
   date: new Date().toISOString(),

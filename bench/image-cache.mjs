@@ -8,7 +8,7 @@
 //   again    a second pull makes no request at all (so no blob request)
 //   always   with --always-pull: one manifest request, no blob request
 //
-//   node bench/image-cache.mjs [--runs N] [--cache DIR] [--cli dist/cli.js] [--lib dist/index.js]
+//   node bench/image-cache.mjs [--runs N] [--cache DIR] [--cli bin/blobcache] [--lib dist/index.js]
 //
 // For information it also times ImageCache.imagePull inside a running process (what a program
 // using the library pays per pull, without starting Node), against the same skopeo runs.
@@ -22,7 +22,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { rm } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
 import {
-  ROOT, baseImage, benchArgs, benchRegistry, benchWorkDir, builtCli, cliOption, exec, log, machineInfo, requireTools,
+  ROOT, baseImage, benchArgs, cliRun, benchRegistry, benchWorkDir, builtCli, cliOption, exec, log, machineInfo, requireTools,
   skopeoPolicy, startThrottleProxy, timeAlternating, versus, writeResults,
 } from './util.mjs'
 
@@ -55,7 +55,7 @@ const proxy = await startThrottleProxy(host, Infinity)
 // ---- timed case ------------------------------------------------------------------------------
 const pulled = join(work, 'image-cache')
 const copied = join(work, 'skopeo-oci')
-const ours = ['node', [CLI, 'image-cache', '--cache', pulled, 'pull', '--tls-verify=false', '--platform', 'linux/amd64', image]]
+const ours = cliRun(CLI, ['image-cache', '--cache', pulled, 'pull', '--tls-verify=false', '--platform', 'linux/amd64', image])
 const theirs = ['skopeo', ['--policy', policy, 'copy', '-q', '--src-tls-verify=false', `docker://${image}`, `oci:${copied}:latest`]]
 // the library inside a process: the script times only the pull and prints the seconds
 const inProcess = join(work, 'in-process.mjs')
@@ -98,7 +98,7 @@ if (times.library) {
 // ---- request counts of cached pulls ----------------------------------------------------------
 const viaProxy = `${proxy.host}/bench/app:latest`
 const counted = join(work, 'counted')
-const pullVia = (...extra) => exec('node', [CLI, 'image-cache', '--cache', counted, 'pull', '--tls-verify=false', '--platform', 'linux/amd64', ...extra, viaProxy])
+const pullVia = (...extra) => exec(...cliRun(CLI, ['image-cache', '--cache', counted, 'pull', '--tls-verify=false', '--platform', 'linux/amd64', ...extra, viaProxy]))
 for (const [label, extra] of [['first', []], ['again', []], ['always', ['--always-pull']]]) {
   proxy.reset()
   const r = await pullVia(...extra)

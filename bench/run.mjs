@@ -16,7 +16,7 @@ import { loadavg } from 'node:os'
 import { join, resolve } from 'node:path'
 import { ensureDirImage, ensureOciImage } from './make-image.mjs'
 import {
-  BASE_IMAGE, ROOT, benchArgs, benchWorkDir, builtCli, exec, log, machineInfo, median, printColumns, round3, skopeoPolicy,
+  BASE_IMAGE, ROOT, benchArgs, cliRun, benchWorkDir, builtCli, exec, log, machineInfo, median, printColumns, round3, skopeoPolicy,
   timeAlternating, usage, which, writeResults,
 } from './util.mjs'
 
@@ -33,7 +33,9 @@ const { opts, runs } = benchArgs(
 )
 const only = opts.only ? opts.only.split(',').map((s) => s.trim()).filter(Boolean) : ALL
 for (const c of only) if (!ALL.includes(c)) usage(`unknown case ${c}; cases: ${ALL.join(' ')}`)
-const CLI = builtCli(join(ROOT, 'dist', 'cli.js'), 'run `npm run build` first (npm run bench does)')
+builtCli(join(ROOT, 'dist', 'cli.js'), 'run `npm run build` first (npm run bench does)')
+// bin/blobcache, as users run it: from the startup snapshot `npm run build` makes
+const CLI = join(ROOT, 'bin', 'blobcache')
 
 const skopeoBin = which('skopeo')
 const timeBin = existsSync('/usr/bin/time') ? '/usr/bin/time' : undefined
@@ -83,7 +85,7 @@ const destinations = {
   'oci-archive': `oci-archive:${destArchive}:latest`,
 }
 const clean = () => Promise.all([rm(dest, { recursive: true, force: true }), rm(destArchive, { force: true })])
-const ours = (src, dst, extra = []) => ['node', [CLI, 'copy', '-q', ...extra, src, dst]]
+const ours = (src, dst, extra = []) => cliRun(CLI, ['copy', '-q', ...extra, src, dst])
 const theirs = (src, dst) => [skopeoBin, ['--policy', policy, 'copy', '-q', src, dst]]
 
 const table = []
@@ -247,7 +249,7 @@ async function peakRss(cmd, args) {
 
 function cliHas(flag) {
   try {
-    return execFileSync('node', [CLI, 'copy', '--help'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).includes(flag)
+    return execFileSync(...cliRun(CLI, ['copy', '--help']), { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).includes(flag)
   } catch (err) {
     return String(err.stdout ?? '').includes(flag)
   }

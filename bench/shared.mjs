@@ -12,7 +12,7 @@
 // Every output is checked (manifest digest), and the bytes each case pulled through the throttled
 // proxy are recorded.
 //
-//   node bench/shared.mjs [--runs N] [--rate MB/s] [--cache DIR] [--cli dist/cli.js]
+//   node bench/shared.mjs [--runs N] [--rate MB/s] [--cache DIR] [--cli bin/blobcache]
 //
 // Both registries are Debian's docker-registry on 127.0.0.1, started and stopped by pid.
 import { execFileSync } from 'node:child_process'
@@ -21,6 +21,7 @@ import { mkdir, rm } from 'node:fs/promises'
 import { loadavg } from 'node:os'
 import { join, resolve } from 'node:path'
 import {
+  cliRun,
   BASE_IMAGE, baseImage, benchArgs, benchRegistry, benchWorkDir, builtCli, cliOption, exec, log, machineInfo, median,
   requireTools, round3, startThrottleProxy, usage, writeResults,
 } from './util.mjs'
@@ -74,12 +75,12 @@ async function main() {
 
   const remote = `docker://${proxy.host}/bench/app:latest`
   const tierName = `docker://${tier.host}/bench/cache`
-  const pushed = await timed([CLI, 'copy', '-q', '--dest-tls-verify=false', `oci:${base}:latest`, `docker://${origin.host}/bench/app:latest`])
+  const pushed = await timed(['copy', '-q', '--dest-tls-verify=false', `oci:${base}:latest`, `docker://${origin.host}/bench/app:latest`])
   if (pushed.code !== 0) throw new Error(`pushing the image to the origin failed: ${pushed.stderr}`)
 
   // ---- the first machine fills the tier --------------------------------------------------------
   const copyArgs = (cache, out, shared) => [
-    CLI, 'copy', '-q', '--src-tls-verify=false', '--blob-cache', cache,
+    'copy', '-q', '--src-tls-verify=false', '--blob-cache', cache,
     ...(shared ? ['--shared-cache', tierName, '--shared-tls-verify=false'] : []),
     remote, `oci:${out}:latest`,
   ]
@@ -159,6 +160,6 @@ async function timed(args) {
     running = child
     return () => (running = undefined)
   }
-  const r = await exec(process.execPath, args, { watch })
+  const r = await exec(...cliRun(CLI, args), { watch })
   return { ...r, seconds: (performance.now() - t0) / 1000 }
 }

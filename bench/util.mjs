@@ -17,8 +17,17 @@ const MiB = 1 << 20
 /** The repository's root directory (the parent of bench/). */
 export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 
-/** The `--cli PATH` option of the scripts that take one: the built CLI, dist/cli.js by default. */
-export const cliOption = { type: 'string', default: join(ROOT, 'dist', 'cli.js') }
+/**
+ * The `--cli PATH` option of the scripts that take one: the built command, bin/blobcache by
+ * default (what users run: it starts from the startup snapshot `npm run build` makes); a `.js`
+ * file (dist/cli.js) is run with node.
+ */
+export const cliOption = { type: 'string', default: join(ROOT, 'bin', 'blobcache') }
+
+/** `[command, args]` that run the CLI at `cli` (see {@link cliOption}) with `args`. */
+export function cliRun(cli, args) {
+  return /\.[cm]?js$/.test(cli) ? [process.execPath, [cli, ...args]] : [cli, args]
+}
 
 /**
  * Parses the command line: the options every script has (`--runs N`, default 5; `--cache DIR`,

@@ -1,7 +1,5 @@
 // The `blobcache` command: argv -> one AbortController -> library call -> exit code.
-// tsup bundles this file to dist/cli.js and adds the shebang.
-import { realpathSync } from 'node:fs'
-import { pathToFileURL } from 'node:url'
+// Started by bin.ts (dist/cli.js) or, from a startup snapshot, by snapshot.ts.
 import { Command, CommanderError } from 'commander'
 import pkg from '../../package.json' with { type: 'json' }
 import { addCacheCommand } from './commands/cache.js'
@@ -71,19 +69,9 @@ export async function main(argv: string[], io: CliIO = processIO()): Promise<num
   }
 }
 
-/** True when this module is the script node was started with (also through an npm bin link). */
-function isEntryPoint(): boolean {
-  const script = process.argv[1]
-  if (!script) return false
-  try {
-    return import.meta.url === pathToFileURL(realpathSync(script)).href
-  } catch {
-    return false
-  }
-}
-
-if (isEntryPoint()) {
-  main(process.argv.slice(2)).then(
+/** Runs {@link main} as the process: its exit code becomes the process's. */
+export function runProcess(argv: string[]): void {
+  main(argv).then(
     (code) => {
       process.exitCode = code
     },

@@ -1,10 +1,9 @@
-// Helpers of the shared-cache-tier tests: "machines" (the built CLI, dist/cli.js, as separate
+// Helpers of the shared-cache-tier tests: "machines" (the built CLI, bin/blobcache, as separate
 // processes, each with its own local cache directory), an origin whose blobs can be made
 // unreachable (a fault proxy answering 404 to every blob request, manifests still served), and
 // plain HTTP reads of what the tier holds: its entry manifests (`sha256-<hex>` tags), blobs and
 // the files under the registry's storage.
 import { type ChildProcess, spawn } from 'node:child_process'
-import { existsSync } from 'node:fs'
 import { readFile, readdir } from 'node:fs/promises'
 import { type IncomingMessage, request } from 'node:http'
 import { request as httpsRequest } from 'node:https'
@@ -14,14 +13,12 @@ import { expect } from 'vitest'
 import { type Digest, digestHex, digestOf } from '../../src/digest.js'
 import type { FaultProxy, FaultRule, ProxiedRequest } from './fault-proxy.js'
 import type { SharedStats } from '../../src/blobcache/shared/tier.js'
+import { CLI_JS, cliBuilt, cliCommand } from './built-cli.js'
+
+export { cliBuilt }
 
 /** The built CLI the machines run. */
-export const CLI = resolve(__dirname, '../../dist/cli.js')
-
-/** True when the built CLI exists (`npm run build`). */
-export function cliBuilt(): boolean {
-  return existsSync(CLI)
-}
+export const CLI = CLI_JS
 
 /** How a machine's copy ended. */
 export interface MachineExit {
@@ -53,10 +50,10 @@ export interface Machine {
   kill(): Promise<MachineExit>
 }
 
-/** Starts `node dist/cli.js ...args` (with no DEBUG output and an empty auth-file environment). */
+/** Starts `blobcache ...args` (bin/blobcache; with no DEBUG output and an empty auth-file environment). */
 export function startMachine(args: string[], env: Record<string, string> = {}): Machine {
   const { DEBUG: _debug, REGISTRY_AUTH_FILE: _auth, ...inherited } = process.env
-  const proc = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...inherited, ...env } })
+  const proc = spawn(...cliCommand(args), { stdio: ['ignore', 'pipe', 'pipe'], env: { ...inherited, ...env } })
   let stdout = ''
   let stderr = ''
   proc.stdout!.on('data', (d: Buffer) => (stdout += d.toString()))

@@ -4,6 +4,7 @@
 // - on a terminal (a pseudo-terminal from script(1)) the copy draws a progress bar per blob;
 // - `npm run demo` (node dist/demo.js) copies across transports, fills a cache and copies an
 //   image whose source blobs were deleted from the cache alone.
+import { LAUNCHER } from '../helpers/built-cli.js'
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { readFile, readdir } from 'node:fs/promises'
@@ -55,8 +56,8 @@ describe.skipIf(!existsSync(CLI))('blobcache CLI process', () => {
     await writeRandomImage(parseImageName(`dir:${root}/src`), { layers: 3, layerSize: 32 << 20, compression: null })
     const dest = join(root, 'dest')
     const cache = join(root, 'cache')
-    const child = spawn(process.execPath, [
-      CLI, 'copy', '--dest-compress-format', 'gzip', '--dest-compress-level', '9', '--blob-cache', cache,
+    const child = spawn(LAUNCHER, [
+      'copy', '--dest-compress-format', 'gzip', '--dest-compress-level', '9', '--blob-cache', cache,
       `dir:${root}/src`, `oci:${dest}:x`,
     ], { stdio: ['ignore', 'pipe', 'pipe'] })
     const exited = collect(child)
@@ -85,7 +86,7 @@ describe.skipIf(!existsSync(CLI))('blobcache CLI process', () => {
   it.skipIf(!hasScript())('draws a progress bar per blob on a terminal', async () => {
     const root = await testDir()
     const sample = await writeSampleImage(parseImageName(`oci:${root}/src:latest`))
-    const command = [process.execPath, CLI, 'copy', `oci:${root}/src:latest`, `dir:${root}/out`].map((a) => `'${a}'`).join(' ')
+    const command = [LAUNCHER, 'copy', `oci:${root}/src:latest`, `dir:${root}/out`].map((a) => `'${a}'`).join(' ')
     const r = await collect(spawn('script', ['-qec', command, '/dev/null'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, COLUMNS: '120' } }))
     expect(r.code).toBe(0)
     const out = r.stdout.replaceAll('\r', '\n')

@@ -1,5 +1,6 @@
 // `blobcache image-cache …` through main(argv): every subcommand, against the real registry
 // where one is needed.
+import { cliCommand } from '../helpers/built-cli.js'
 import { spawn } from 'node:child_process'
 import { existsSync, readFileSync } from 'node:fs'
 import { readFile, stat, writeFile } from 'node:fs/promises'
@@ -159,13 +160,16 @@ describe.skipIf(!hasRegistry)('blobcache image-cache with a registry', () => {
   })
 })
 
-// The built command (npm test builds dist/ first; BLOBCACHE_CLI points elsewhere), for stdin.
+// The built command, bin/blobcache (npm test builds dist/ first; BLOBCACHE_CLI runs another
+// script with node instead), for stdin.
 const CLI = process.env.BLOBCACHE_CLI ?? resolve(__dirname, '../../dist/cli.js')
 const hasCli = existsSync(CLI) && readFileSync(CLI, 'utf8').includes('image-cache')
 
 function runCli(args: string[], input?: Buffer): Promise<{ code: number | null; stdout: Buffer; stderr: string }> {
   return new Promise((resolvePromise, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['pipe', 'pipe', 'pipe'] })
+    const child = process.env.BLOBCACHE_CLI
+      ? spawn(process.execPath, [CLI, ...args], { stdio: ['pipe', 'pipe', 'pipe'] })
+      : spawn(...cliCommand(args), { stdio: ['pipe', 'pipe', 'pipe'] })
     const out: Buffer[] = []
     let stderr = ''
     child.stdout.on('data', (d: Buffer) => out.push(d))

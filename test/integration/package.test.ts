@@ -20,13 +20,13 @@ const PUBLIC = ['BlobCache', 'cacheLookupReferenceFunc', 'CacheDirectory', 'copy
 describe('package skeleton', () => {
   it('package.json: ESM with CJS and types exports, a bin, node >= 20, Apache-2.0, the scripts', async () => {
     const pkg = JSON.parse(await read('package.json'))
-    expect(pkg).toMatchObject({ name: 'blobcache', type: 'module', license: 'Apache-2.0', bin: { blobcache: './dist/cli.js' } })
+    expect(pkg).toMatchObject({ name: 'blobcache', type: 'module', license: 'Apache-2.0', bin: { blobcache: './bin/blobcache' } })
     expect(pkg.engines.node).toMatch(/^>=\s*20/)
     expect(pkg.exports['.']).toEqual({
       import: { types: './dist/index.d.ts', default: './dist/index.js' },
       require: { types: './dist/index.d.cts', default: './dist/index.cjs' },
     })
-    expect(pkg.scripts.build).toBe('tsup')
+    expect(pkg.scripts.build).toBe('tsup && node scripts/build-snapshot.mjs')
     expect(pkg.scripts.test).toMatch(/vitest run/)
     expect(pkg.scripts.demo).toMatch(/node dist\/demo\.js/)
     expect(pkg.scripts.bench).toMatch(/bench\//)
@@ -94,7 +94,10 @@ describe.skipIf(!existsSync(join(DIST, 'index.js')))('built package', () => {
   it('the bin runs and prints the package version', async () => {
     const pkg = JSON.parse(await read('package.json'))
     const cli = join(ROOT, pkg.bin.blobcache)
-    expect((await readFile(cli, 'utf8')).startsWith('#!/usr/bin/env node')).toBe(true)
-    expect(execFileSync(process.execPath, [cli, '--version'], { encoding: 'utf8' }).trim()).toBe(pkg.version)
+    expect((await readFile(cli, 'utf8')).startsWith('#!/bin/sh\n')).toBe(true)
+    expect(execFileSync(cli, ['--version'], { encoding: 'utf8' }).trim()).toBe(pkg.version)
+    // the script it falls back to runs with node too
+    expect((await readFile(join(ROOT, 'dist/cli.js'), 'utf8')).startsWith('#!/usr/bin/env node')).toBe(true)
+    expect(execFileSync(process.execPath, [join(ROOT, 'dist/cli.js'), '--version'], { encoding: 'utf8' }).trim()).toBe(pkg.version)
   })
 })
