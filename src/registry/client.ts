@@ -7,6 +7,7 @@ import type { BodySink } from './chunks.js'
 import { type CredentialOptions, findCredentials } from './credentials.js'
 import { RegistryError, type RegistryErrorKind, parseErrorBody } from './errors.js'
 import { type RetryPolicy, parseRetryAfter, untilAborted, withRetry } from './retry.js'
+import { requireLazily } from '../lazy-require.js'
 
 const log = debug('blobcache:registry:client')
 
@@ -94,7 +95,8 @@ const agents = new Map<string, Agent>()
 function httpModule(protocol: string): Promise<HttpModule> {
   let mod = modules.get(protocol)
   if (!mod) {
-    mod = protocol === 'https:' ? import('node:https') : import('node:http')
+    // required, not imported: a dynamic import() cannot run in the CLI's startup snapshot
+    mod = Promise.resolve(requireLazily(protocol === 'https:' ? 'node:https' : 'node:http') as HttpModule)
     modules.set(protocol, mod)
   }
   return mod

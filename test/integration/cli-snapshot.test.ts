@@ -3,21 +3,27 @@
 //   dist/cli.js otherwise (DEBUG set, no marker, another node, a node newer than the snapshot);
 // - from the snapshot the CLI does what dist/cli.js does: the same output and exit codes, the
 //   lazily loaded parts (zlib, zstd-napi, worker threads, cli-progress) included;
-// - a package directory moved after the build still finds its dependencies.
+// - a package directory moved after the build still finds its dependencies;
+// - registry commands (node:http and node:https are loaded at run time) against the real
+//   docker-registry, plain HTTP with basic auth and HTTPS with a self-signed certificate.
 import { type ChildProcess, spawn } from 'node:child_process'
 import { cpSync, existsSync, mkdirSync, readFileSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { readFile, readdir } from 'node:fs/promises'
 import { join, resolve } from 'node:path'
-import { describe, expect, it } from 'vitest'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { digestOf } from '../../src/digest.js'
 import { writeSampleImage } from '../../src/sample-image.js'
 import { parseImageName } from '../../src/transports/index.js'
 import { CLI_JS, LAUNCHER, SNAPSHOT } from '../helpers/built-cli.js'
 import { testDir } from '../helpers/conformance.js'
+import { peer } from '../helpers/peers.js'
+import { type TestRegistry, startRegistry } from '../helpers/registry.js'
 import { writeRandomImage } from '../helpers/random-image.js'
 
 const ROOT = resolve(__dirname, '../..')
 const built = existsSync(join(ROOT, 'dist', 'cli-snapshot.cjs'))
+const registryBin = peer('docker-registry')
+peer('htpasswd')
 
 interface Run {
   code: number | null
@@ -145,5 +151,51 @@ describe.skipIf(!built)('bin/blobcache and the startup snapshot', () => {
     const old = await launch(launcher, ['--version'])
     expect(old.exec).toMatch(/dist\/cli\.js --version$/)
     expect(old.code).toBe(0)
+  })
+})
+
+describe.skipIf(!built || !registryBin)('bin/blobcache from the snapshot against the real registry', () => {
+  let plainHttp: TestRegistry
+  let tls: TestRegistry
+  beforeAll(async () => {
+    ;[plainHttp, tls] = await Promise.all([
+      startRegistry({ auth: 'htpasswd', users: { alice: 'wonderland' } }),
+      startRegistry({ tls: true }),
+    ])
+  })
+  afterAll(async () => {
+    await Promise.all([plainHttp?.stop(), tls?.stop()])
+  })
+
+  it('pushes, inspects, pulls and image-cache pulls over HTTP (basic auth) and HTTPS, keeping the manifest digest', async () => {
+    const root = await testDir()
+    const sample = await writeRandomImage(parseImageName(`oci:${root}/src:latest`), { layers: 2, layerSize: 5 << 20 })
+    const want = sample.manifestDigest
+    for (const [registry, flags] of [
+      [plainHttp, ['--tls-verify=false', '--creds', 'alice:wonderland']],
+      [tls, ['--tls-verify=false']],
+    ] as const) {
+      const remote = `docker://${registry.host}/snap/app:v1`
+      const dest = flags.map((f) => f.replace('--', '--dest-'))
+      const src = flags.map((f) => f.replace('--', '--src-'))
+      const push = await launch(LAUNCHER, ['copy', '-q', '--json', ...dest, `oci:${root}/src:latest`, remote])
+      expect(push.exec).toContain('--snapshot-blob')
+      expect(push.code, push.stderr).toBe(0)
+      expect(JSON.parse(push.stdout).manifestDigest).toBe(want)
+      const inspect = await launch(LAUNCHER, ['inspect', ...flags, remote])
+      expect(inspect.code, inspect.stderr).toBe(0)
+      expect(JSON.parse(inspect.stdout).Digest).toBe(want)
+      const out = join(root, `pulled-${registry.port}`)
+      const pull = await launch(LAUNCHER, ['copy', '-q', ...src, remote, `oci:${out}:v1`])
+      expect(pull.code, pull.stderr).toBe(0)
+      const index = JSON.parse(await readFile(join(out, 'index.json'), 'utf8'))
+      expect(index.manifests[0].digest).toBe(want)
+      const cache = join(root, `images-${registry.port}`)
+      const ic = await launch(LAUNCHER, ['image-cache', '--cache', cache, 'pull', ...flags, remote.slice('docker://'.length)])
+      expect(ic.code, ic.stderr).toBe(0)
+      for (const layer of sample.layers) {
+        expect(digestOf(await readFile(join(cache, 'blobs', 'sha256', layer.digest.slice(7))))).toBe(layer.digest)
+      }
+    }
   })
 })
