@@ -103,7 +103,7 @@ describe.skipIf(!hasRegistry)('SharedTier failures against docker-registry', () 
     expect(warnings[0]).toMatch(/corrupt/)
     // this process does not try it again
     expect(await t.fetchInto(d, blob.digest, blob.size)).toBeUndefined()
-    expect(t.stats).toMatchObject({ misses: 2, errors: 1, warnings: 1 })
+    expect(t.stats).toMatchObject({ misses: 1, errors: 1, warnings: 1 }) // one blob: one miss
     // the tier is not taken for down: a good blob is still served
     const good = await pushed(registry.host, randomBytes(1000))
     expect(await t.fetchInto(d, good.digest, good.size)).toMatchObject({ name: good.digest })
@@ -125,7 +125,7 @@ describe.skipIf(!hasRegistry)('SharedTier failures against docker-registry', () 
     expect(await t.fetchInto(d, a.digest, a.size)).toBeUndefined() // the caller's size differs from the entry's
     expect(await t.fetchInto(d, b.digest, b.size)).toBeUndefined()
     expect(await readdir(d)).toEqual([])
-    expect(t.stats).toMatchObject({ hits: 0, misses: 3 })
+    expect(t.stats).toMatchObject({ hits: 0, misses: 2 }) // two blobs missed (a twice)
     expect(t.stats.errors).toBeGreaterThanOrEqual(2)
     expect(warnings.filter((w) => w.includes(a.digest))).toHaveLength(1)
     expect(warnings.filter((w) => w.includes(b.digest))).toHaveLength(1)

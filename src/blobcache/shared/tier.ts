@@ -52,7 +52,10 @@ export interface SharedTierOptions {
 export interface SharedStats {
   /** fetchInto calls served from the tier. */
   hits: number
-  /** fetchInto calls the tier could not serve. */
+  /**
+   * Blobs asked for that the tier could not serve, each digest counted once (a copy asks for a
+   * blob from several places: the source, the destination's reuse check, substitution).
+   */
   misses: number
   /** Failures: of tier requests, corrupt or wrong-size tier blobs, invalid entries, local note writes. */
   errors: number
@@ -119,6 +122,8 @@ export class SharedTier {
   readonly #core: TierCore
   readonly #queue: WriteQueue
   readonly #downloads = new DownloadSharing()
+  /** Digests counted as misses (each once). */
+  readonly #missed = new Set<Digest>()
 
   /** `name`: `docker://host[:port]/repo` or `host[:port]/repo` (no tag/digest). Throws `REFERENCE_INVALID`. */
   constructor(name: string, opts: SharedTierOptions = {}) {
@@ -185,7 +190,10 @@ export class SharedTier {
       }
     }
     if (found) core.counters.hits++
-    else core.counters.misses++
+    else if (!this.#missed.has(digest)) {
+      this.#missed.add(digest)
+      core.counters.misses++
+    }
     return found
   }
 
