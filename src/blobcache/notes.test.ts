@@ -3,7 +3,7 @@ import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { testDir } from '../../test/helpers/conformance.js'
 import { digestOf } from '../digest.js'
-import { withLock } from './lock.js'
+import { withFileLock } from '../file-lock.js'
 import {
   addCompressedVariant,
   formatCompressedNote,
@@ -74,7 +74,7 @@ describe('note files', () => {
   })
 })
 
-describe('withLock', () => {
+describe('note locks (withFileLock on noteLockName)', () => {
   it('serialises holders', async () => {
     const dir = await testDir()
     const lock = join(dir, noteLockName('x'))
@@ -82,7 +82,7 @@ describe('withLock', () => {
     let max = 0
     await Promise.all(
       Array.from({ length: 10 }, () =>
-        withLock(lock, async () => {
+        withFileLock(lock, async () => {
           inside++
           max = Math.max(max, inside)
           await new Promise((r) => setTimeout(r, 2))
@@ -97,10 +97,11 @@ describe('withLock', () => {
   it('breaks a stale lock left by a dead process', async () => {
     const dir = await testDir()
     const lock = join(dir, noteLockName('x'))
+    // the pid-only form of earlier versions is torn for this lock, and broken once it is old
     await writeFile(lock, '99999\n')
     const old = new Date(Date.now() - 60_000)
     await utimes(lock, old, old)
-    expect(await withLock(lock, async () => 'ran', { staleMs: 10_000 })).toBe('ran')
+    expect(await withFileLock(lock, async () => 'ran', { staleMs: 10_000 })).toBe('ran')
     expect(await readdir(dir)).toEqual([])
   })
 
@@ -108,7 +109,7 @@ describe('withLock', () => {
     const dir = await testDir()
     const lock = join(dir, noteLockName('x'))
     await writeFile(lock, '1\n')
-    await expect(withLock(lock, async () => 'ran', { timeoutMs: 100 })).rejects.toMatchObject({ code: 'CACHE_INVALID' })
+    await expect(withFileLock(lock, async () => 'ran', { timeoutMs: 100 })).rejects.toMatchObject({ code: 'CACHE_INVALID' })
   })
 })
 

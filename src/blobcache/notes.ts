@@ -11,7 +11,7 @@ import { type Digest, isDigest } from '../digest.js'
 import { errnoCode } from '../errors.js'
 import type { DetectedAlgorithm } from '../types.js'
 import { TEMP_PREFIX, atomicWriteFile } from './files.js'
-import { type LockOptions, withLock } from './lock.js'
+import { type FileLockOptions, withFileLock } from '../file-lock.js'
 
 const log = debug('blobcache:blobcache:notes')
 
@@ -32,6 +32,12 @@ export function compressedNoteName(uncompressed: Digest): string {
 export function decompressedNoteName(compressed: Digest): string {
   return `${compressed}.decompressed`
 }
+
+/**
+ * Lock settings of note updates: holders keep a note's lock for milliseconds, so a lock older
+ * than 10 s (on another host, where its holder's pid cannot be checked) is taken as abandoned.
+ */
+const NOTE_LOCK: FileLockOptions = { staleMs: 10_000, timeoutMs: 30_000 }
 
 /** The lock file guarding updates of the note `name`. */
 export function noteLockName(name: string): string {
@@ -98,10 +104,10 @@ export async function addCompressedVariant(
   uncompressed: Digest,
   compressed: Digest,
   algorithm: DetectedAlgorithm,
-  opts: LockOptions = {},
+  opts: FileLockOptions = {},
 ): Promise<void> {
   const name = compressedNoteName(uncompressed)
-  await withLock(
+  await withFileLock(
     join(dir, noteLockName(name)),
     async () => {
       const note = await readCompressedNote(dir, uncompressed)
@@ -110,7 +116,7 @@ export async function addCompressedVariant(
       await atomicWriteFile(join(dir, name), formatCompressedNote(note))
       log('noted %s: %s variant %s', name, algorithm, compressed)
     },
-    opts,
+    { ...NOTE_LOCK, ...opts },
   )
 }
 
@@ -120,7 +126,7 @@ export async function addCompressedVariant(
  */
 export async function removeCompressedVariants(dir: string, uncompressed: Digest, drop: (d: Digest) => boolean | Promise<boolean>): Promise<boolean> {
   const name = compressedNoteName(uncompressed)
-  return withLock(join(dir, noteLockName(name)), async () => {
+  return withFileLock(join(dir, noteLockName(name)), async () => {
     const note = await readCompressedNote(dir, uncompressed)
     let changed = false
     for (const d of [...note.keys()]) {
@@ -133,7 +139,7 @@ export async function removeCompressedVariants(dir: string, uncompressed: Digest
     if (note.size === 0) await rm(join(dir, name), { force: true })
     else await atomicWriteFile(join(dir, name), formatCompressedNote(note))
     return true
-  })
+  }, NOTE_LOCK)
 }
 
 /**
