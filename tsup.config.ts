@@ -37,5 +37,6 @@ export default defineConfig([
     shims: true,
     noExternal: [/.*/],
     outExtension: () => ({ js: '.cjs' }),
+    define: { __BLOBCACHE_SNAPSHOT__: 'true' },
   },
 ])

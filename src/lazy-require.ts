@@ -1,14 +1,15 @@
 // Loads a CommonJS dependency or a Node built-in the first time it is needed, so that a command
 // that never uses it (zstd, progress bars, worker threads) does not pay for loading it at
-// start-up. In a CommonJS bundle the module's own `require` is used, in an ES module one made for
-// this file. The CLI's startup snapshot (src/cli/snapshot.ts) points package lookups at the
-// directory it was started from with {@link setRequireBase}: its script's `require` loads
-// built-ins only, and the path the snapshot was built at may have moved since.
+// start-up. The CLI's startup snapshot (src/cli/snapshot.ts; its bundle defines
+// `__BLOBCACHE_SNAPSHOT__`) loads built-ins with its script's own `require`, the only one that
+// works while the snapshot is built, and packages from the directory it was started from (see
+// {@link setRequireBase}): the path it was built at may have moved since.
 import { createRequire } from 'node:module'
 
-declare const require: NodeJS.Require | undefined
+declare const __BLOBCACHE_SNAPSHOT__: boolean | undefined
+declare const require: NodeJS.Require
 
-const own: NodeJS.Require | undefined = typeof require === 'function' ? require : undefined
+const inSnapshot = typeof __BLOBCACHE_SNAPSHOT__ !== 'undefined' && __BLOBCACHE_SNAPSHOT__
 let base: NodeJS.Require | undefined
 
 /** Resolves packages from `file`'s directory from now on (see the file comment). */
@@ -18,7 +19,7 @@ export function setRequireBase(file: string): void {
 
 /** Loads `id` (a `node:` built-in or a package of this one's dependencies). */
 export function requireLazily(id: string): unknown {
-  if (id.startsWith('node:') && own) return own(id)
-  base ??= own ?? createRequire(import.meta.url)
+  if (inSnapshot && id.startsWith('node:')) return require(id)
+  base ??= createRequire(import.meta.url)
   return base(id)
 }
