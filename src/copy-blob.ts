@@ -205,7 +205,9 @@ export class BlobCopier {
     // The destination reads the last stage, a DigestStream: the input verifier when the bytes
     // pass unchanged, else the hasher of the output. It can take the digest from that stream
     // instead of hashing every byte a second time.
-    const stages: Transform[] = step ? [input, this.#progress(info, kind)] : [this.#progress(info, kind)]
+    // (no progress stage without a listener: every stage costs each chunk a call or two)
+    const progress = this.opts.onProgress ? [this.#progress(info, kind)] : []
+    const stages: Transform[] = step ? [input, ...progress] : progress
     try {
       if (step?.decompress) stages.push(decompressStream(step.decompress))
       if (step?.compress) stages.push(compressStream(step.compress, { level: this.opts.level }))

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto'
+import { createHash, randomBytes } from 'node:crypto'
 import { PassThrough, Readable, Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { describe, expect, it } from 'vitest'
@@ -17,6 +17,7 @@ import {
   verifyDigest,
 } from './digest.js'
 import { DigestMismatchError } from './errors.js'
+import { THREAD_HASH_MIN } from './io/stream-hash.js'
 
 const hex256 = createHash('sha256').update('hello').digest('hex')
 const hex512 = createHash('sha512').update('hello').digest('hex')
@@ -199,5 +200,37 @@ describe('digestingStream and checkDigest', () => {
     expect(() => checkDigest({ digest: d, bytes: 3 }, { expected: d, size: 3 })).not.toThrow()
     expect(() => checkDigest({ digest: d, bytes: 3 }, { expected: digestOf('abd') })).toThrow(expect.objectContaining({ code: 'DIGEST_INVALID' }))
     expect(() => checkDigest({ digest: d, bytes: 3 }, { size: 4 })).toThrow(expect.objectContaining({ code: 'SIZE_INVALID' }))
+  })
+})
+
+describe('verifyDigest of large blobs (hashed on the hashing thread)', () => {
+  const big = randomBytes(THREAD_HASH_MIN + 300_007)
+  const chunks = () => Array.from({ length: Math.ceil(big.length / 65_536) }, (_, i) => big.subarray(i * 65_536, (i + 1) * 65_536))
+
+  it.each([
+    ['a known size', big.length],
+    ['an unknown size', -1],
+  ])('passes the bytes on and gives the digest once ended, with %s', async (_what, size) => {
+    const v = verifyDigest({ expected: digestOf(big), size })
+    const out: Buffer[] = []
+    await pipeline(Readable.from(chunks()), v, new Writable({ write: (c, _e, cb) => (out.push(c), cb()) }))
+    expect(Buffer.concat(out).equals(big)).toBe(true)
+    expect(v[streamDigest]()).toEqual({ digest: digestOf(big), bytes: big.length })
+  })
+
+  it('fails DIGEST_INVALID before it ends when the bytes do not match', async () => {
+    const wrong = Buffer.from(big)
+    wrong[wrong.length >> 1] ^= 1
+    const v = verifyDigest({ expected: digestOf(big), size: big.length })
+    let ended = false
+    v.on('end', () => (ended = true))
+    const p = pipeline(Readable.from([wrong]), v, new Writable({ write: (_c, _e, cb) => cb() }))
+    await expect(p).rejects.toMatchObject({ code: 'DIGEST_INVALID', expected: digestOf(big), actual: digestOf(wrong) })
+    expect(ended).toBe(false)
+  })
+
+  it('fails SIZE_INVALID as soon as too many bytes arrive', async () => {
+    const v = verifyDigest({ expected: digestOf(big), size: big.length - 1 })
+    await expect(run(chunks(), v)).rejects.toMatchObject({ code: 'SIZE_INVALID' })
   })
 })

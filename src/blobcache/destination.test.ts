@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { chmod, mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises'
+import { chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Readable } from 'node:stream'
 import { gzipSync } from 'node:zlib'
@@ -15,6 +15,7 @@ import { DirReference } from '../transports/dir.js'
 import type { BlobInfo, ImageDestination } from '../types.js'
 import { BlobCacheDestination } from './destination.js'
 import { BlobCache } from './reference.js'
+import { hasVerifiedStamp } from './stamp.js'
 import { Counters } from './stats.js'
 
 const tar = makeLayer([{ name: 'layer-content', content: 'layer-content '.repeat(500) }])
@@ -135,16 +136,62 @@ describe('BlobCacheDestination.putBlob', () => {
     expect(await entries(cacheDir)).toEqual([])
   })
 
-  it('keeps nothing when the inner destination fails even though the bytes are right', async () => {
-    const { cacheDir, cache } = await setup()
+  it.each(['putBlob', 'putBlobFromFile'] as const)(
+    'keeps nothing when the inner destination fails even though the bytes are right (inner %s)',
+    async (method) => {
+      const { cacheDir, cache } = await setup()
+      const inner = await cache.inner.newImageDestination()
+      if (method === 'putBlob') {
+        inner.putBlobFromFile = undefined
+        inner.putBlob = async (stream) => {
+          await readAll(stream)
+          throw new Error('inner refuses')
+        }
+      } else {
+        inner.putBlobFromFile = async () => {
+          throw new Error('inner refuses')
+        }
+      }
+      const dest = new BlobCacheDestination(cache, inner, new Counters())
+      await expect(dest.putBlob(Readable.from([gz]), info(gz))).rejects.toThrow('inner refuses')
+      expect(await entries(cacheDir)).toEqual([])
+    },
+  )
+
+  it('writes a blob once for a destination with putBlobFromFile: entry and file share an inode, stamped', async () => {
+    const { cacheDir, dest, root } = await setup()
+    const c = digestOf(gz)
+    let streamed = 0
+    const inner = (dest as BlobCacheDestination).inner
+    const realPut = inner.putBlob.bind(inner)
+    inner.putBlob = async (s, i, o) => {
+      streamed++
+      return realPut(s, i, o)
+    }
+    expect(await put(dest, gz)).toMatchObject({ digest: c, size: gz.length })
+    expect(streamed).toBe(0)
+    const entry = await stat(join(cacheDir, c))
+    const file = await stat(join(root, 'image', c.slice(7)))
+    expect(file.ino).toBe(entry.ino)
+    expect(entry.nlink).toBe(2)
+    expect(await readFile(join(root, 'image', c.slice(7)))).toEqual(gz)
+    expect(await hasVerifiedStamp(join(cacheDir, c))).toBe(true)
+    expect(await entries(cacheDir)).toEqual([c, `${c}.decompressed`, diffID, `${diffID}.compressed`].sort())
+  })
+
+  it('gives the destination the bytes from the open file when the temporary file leaves its path', async () => {
+    const { cacheDir, cache, root } = await setup()
     const inner = await cache.inner.newImageDestination()
-    inner.putBlob = async (stream) => {
-      await readAll(stream)
-      throw new Error('inner refuses')
+    const realFromFile = inner.putBlobFromFile!.bind(inner)
+    inner.putBlobFromFile = async (path, i, o) => {
+      await rm(path) // as a cache clear running meanwhile would
+      return realFromFile(path, i, o)
     }
     const dest = new BlobCacheDestination(cache, inner, new Counters())
-    await expect(dest.putBlob(Readable.from([gz]), info(gz))).rejects.toThrow('inner refuses')
-    expect(await entries(cacheDir)).toEqual([])
+    expect(await put(dest, gz)).toMatchObject({ digest: digestOf(gz) })
+    expect(await readFile(join(root, 'image', digestOf(gz).slice(7)))).toEqual(gz)
+    expect(await entries(cacheDir)).not.toContain(digestOf(gz))
+    expect((await entries(cacheDir)).filter((n) => n.startsWith('.tmp-'))).toEqual([])
   })
 
   it('keeps nothing when the source stream fails midway', async () => {

@@ -1,8 +1,9 @@
-// The write side of BlobCache: blobs written to the wrapped destination are teed into the cache
-// (verified before they are named), compressed layers are decompressed alongside, manifests are
-// stored under their digest, and tryReusingBlob can supply a blob the wrapped destination lacks
-// from the cache (or from the shared tier). Every entry stored or found here is also queued for
-// the shared tier, when the cache has one.
+// The write side of BlobCache: blobs written to the wrapped destination are teed into the cache,
+// or, when it takes local files, written once into the cache and handed to it (verified before
+// they are named either way); compressed layers are decompressed alongside, manifests are stored
+// under their digest, and tryReusingBlob can supply a blob the wrapped destination lacks from
+// the cache (or from the shared tier). Every entry stored or found here is also queued for the
+// shared tier, when the cache has one.
 import { createReadStream } from 'node:fs'
 import { lstat, open } from 'node:fs/promises'
 import { join } from 'node:path'
@@ -17,7 +18,8 @@ import { entryIntact, findBlob } from './directory.js'
 import { FILE_MODE, HIGH_WATER_MARK, atomicWriteFile, entryName, fileExists, removeQuietly, tempPath, touch } from './files.js'
 import type { BlobCache } from './reference.js'
 import type { Counters } from './stats.js'
-import { CacheTee, type TeeOutcome } from './tee.js'
+import { CacheTee, type CacheTeeOptions, CacheWriter, type TeeOutcome } from './tee.js'
+import { putThroughFile } from './through-file.js'
 import { type TierFetched, fetchFromTier } from './tier-reads.js'
 import { makeCompressedVariant } from './variants.js'
 
@@ -84,6 +86,11 @@ export class BlobCacheDestination implements ImageDestination {
    * is made in the background (finished by `close()`). Without a digest, or when the entry is
    * already cached, the blob passes through untouched. An invalid digest throws
    * `DIGEST_INVALID` before anything is read.
+   *
+   * When the wrapped destination has putBlobFromFile, the blob is written only once: into the
+   * cache's temporary file, which is verified and then given to putBlobFromFile (a hard link
+   * for dir and oci on the same file system, fsynced there as the destination promises), so
+   * the entry and the destination's file may share an inode. Otherwise the stream is teed.
    */
   async putBlob(stream: Readable, info: BlobInfo, opts: PutBlobOptions = {}): Promise<BlobInfo> {
     if (!info.digest) return this.#inner.putBlob(stream, info, opts)
@@ -95,8 +102,10 @@ export class BlobCacheDestination implements ImageDestination {
       this.#ensureVariant(digest, info, opts)
       return result
     }
-    const tee = await this.#openTee(digest, name, opts, digestingStream(stream, digest))
-    if (!tee) return this.#inner.putBlob(stream, info, opts)
+    const writing = await this.#writerOptions(digest, name, opts, digestingStream(stream, digest))
+    if (!writing) return this.#inner.putBlob(stream, info, opts)
+    if (this.#inner.putBlobFromFile) return this.#putBlobThroughFile(stream, new CacheWriter(writing), { ...info, digest }, opts)
+    const tee = new CacheTee(writing)
     pipeline(stream, tee, () => {}) // a source error reaches the wrapped putBlob through the tee
     let result: BlobInfo
     try {
@@ -181,6 +190,27 @@ export class BlobCacheDestination implements ImageDestination {
     await this.#inner.close()
   }
 
+  /**
+   * putBlob for a wrapped destination with putBlobFromFile: the blob is written once, into the
+   * cache's temporary file, which the destination then takes (see putThroughFile).
+   */
+  async #putBlobThroughFile(stream: Readable, writer: CacheWriter, info: BlobInfo & { digest: Digest }, opts: PutBlobOptions): Promise<BlobInfo> {
+    const inner = this.#inner
+    const fromFile = inner.putBlobFromFile!
+    let result: BlobInfo
+    try {
+      result = await putThroughFile(stream, writer, info, opts, {
+        fromFile: (path) => fromFile.call(inner, path, info, opts),
+        fromStream: (bytes) => inner.putBlob(bytes, info, opts),
+      })
+    } catch (err) {
+      await writer.settle(false)
+      throw err
+    }
+    this.#afterStore(info.digest, entryName(info.digest, opts.isConfig), info, opts, await writer.settle(true))
+    return result
+  }
+
   async #putBlobFromFile(path: string, info: BlobInfo, opts: PutBlobOptions = {}): Promise<BlobInfo> {
     const inner = this.#inner.putBlobFromFile!.bind(this.#inner)
     if (!info.digest) return inner(path, info, opts)
@@ -192,8 +222,9 @@ export class BlobCacheDestination implements ImageDestination {
       this.#ensureVariant(digest, info, opts)
       return result
     }
-    const tee = await this.#openTee(digest, name, opts)
-    if (!tee) return inner(path, info, opts)
+    const writing = await this.#writerOptions(digest, name, opts)
+    if (!writing) return inner(path, info, opts)
+    const tee = new CacheTee(writing)
     const discard = new Writable({ highWaterMark: HIGH_WATER_MARK, write: (_c, _e, cb) => cb() })
     const feeding = pipelinePromise(createReadStream(path, { highWaterMark: HIGH_WATER_MARK }), tee, discard, { signal: opts.signal }).then(
       () => true,
@@ -231,20 +262,16 @@ export class BlobCacheDestination implements ImageDestination {
     return false
   }
 
-  /** A tee with its temporary file, or undefined (counted) when the file cannot be created. */
-  async #openTee(digest: Digest, name: string, opts: PutBlobOptions, upstream?: DigestingStream): Promise<CacheTee | undefined> {
+  /**
+   * What a CacheWriter (or CacheTee) for the entry `name` needs, with a new temporary file
+   * (opened for reading too, see putThroughFile), or undefined (counted) when it cannot be made.
+   */
+  async #writerOptions(digest: Digest, name: string, opts: PutBlobOptions, upstream?: DigestingStream): Promise<CacheTeeOptions | undefined> {
     const path = tempPath(this.#dir, name)
     try {
-      const handle = await open(path, 'wx', FILE_MODE)
-      return new CacheTee({
-        dir: this.#dir,
-        digest,
-        name,
-        file: { handle, path },
-        decompress: !opts.isConfig,
-        onError: (what, err) => this.#error(what, err),
-        upstream,
-      })
+      const handle = await open(path, 'wx+', FILE_MODE)
+      const onError = (what: string, err: unknown) => this.#error(what, err)
+      return { dir: this.#dir, digest, name, file: { handle, path }, decompress: !opts.isConfig, onError, upstream }
     } catch (err) {
       this.#error(`creating a temporary file for ${name}`, err)
       return undefined

@@ -1,7 +1,8 @@
-// The tee of the cache's destination side: a pass-through Transform between the caller's stream
-// and the wrapped destination's putBlob that also writes every chunk to a `.tmp-` file, hashes
-// it, and (for a compressed layer) feeds a background decompression. Only once the wrapped
-// destination has succeeded and the hash equals the expected digest is the file named.
+// What the cache's destination side does with the bytes of a blob on their way to the wrapped
+// destination: a CacheWriter writes every chunk to a `.tmp-` file, hashes it, and (for a
+// compressed layer) feeds a background decompression; only once the wrapped destination has
+// succeeded and the hash equals the expected digest is the file named. The CacheTee is the
+// writer as a pass-through Transform, for destinations that read a stream.
 import { createHash, type Hash } from 'node:crypto'
 import type { FileHandle } from 'node:fs/promises'
 import { rename } from 'node:fs/promises'
@@ -13,11 +14,11 @@ import { type Digest, type DigestAlgorithm, type DigestingStream, digestAlgorith
 import type { DetectedAlgorithm } from '../types.js'
 import { HIGH_WATER_MARK, fileExists, removeQuietly } from './files.js'
 import { stampVerified } from './stamp.js'
-import { type CacheErrorHandler, Decompression, storeDecompressed } from './variants.js'
+import { type CacheErrorHandler, type Decompression, startDecompression, storeDecompressed } from './variants.js'
 
 const log = debug('blobcache:blobcache:tee')
 
-/** Options of {@link CacheTee}. */
+/** Options of {@link CacheWriter} and {@link CacheTee}. */
 export interface CacheTeeOptions {
   /** The cache directory. */
   dir: string
@@ -32,13 +33,13 @@ export interface CacheTeeOptions {
   /** Receives cache failures; none of them fails the stream. */
   onError: CacheErrorHandler
   /**
-   * The stream feeding the tee, when it hashes what it passes with the digest's algorithm: its
-   * digest is taken instead of hashing the same bytes here again.
+   * The stream feeding the writer, when it hashes what it passes with the digest's algorithm:
+   * its digest is taken instead of hashing the same bytes here again.
    */
   upstream?: DigestingStream
 }
 
-/** What {@link CacheTee.settle} did. */
+/** What {@link CacheWriter.settle} did. */
 export interface TeeOutcome {
   /** The bytes hashed to the expected digest and the consumer succeeded. */
   verified: boolean
@@ -50,17 +51,26 @@ export interface TeeOutcome {
   decompressed?: Digest
 }
 
+/** The temporary file of a {@link CacheWriter}, as far as it was written. */
+export interface WrittenFile {
+  handle: FileHandle
+  path: string
+  /** Bytes written to it (the first ones of the blob). */
+  bytes: number
+  /** A write to it failed: it holds only the first `bytes` of the blob. */
+  failed: boolean
+}
+
 /**
- * Passes every chunk through unchanged and copies it to the cache. A cache write that fails
- * stops the copying (the temp file is dropped and the failure reported) but never the stream.
- * Each chunk is pushed on before its cache write finishes; the next one waits for that write, so
- * the cache adds at most one chunk of latency and memory stays constant.
+ * Writes a blob's chunks, given in order, to the cache's temporary file, hashes them and feeds
+ * the decompression of a compressed layer. A cache write that fails stops the copying (the
+ * failure is reported once, the file is dropped at {@link settle}) but never the caller.
  */
-export class CacheTee extends Transform implements DigestingStream {
+export class CacheWriter {
   readonly #opts: CacheTeeOptions
   readonly #hash: Hash | undefined
   #bytes = 0
-  #file: { handle: FileHandle; path: string } | undefined
+  #file: WrittenFile | undefined
   #head: Buffer[] | null = []
   #headBytes = 0
   #algorithm: DetectedAlgorithm | null = null
@@ -69,67 +79,71 @@ export class CacheTee extends Transform implements DigestingStream {
   #pending: Promise<unknown> = Promise.resolve()
 
   constructor(opts: CacheTeeOptions) {
-    super({ highWaterMark: HIGH_WATER_MARK })
     this.#opts = opts
-    this.#file = opts.file
+    if (opts.file) this.#file = { ...opts.file, bytes: 0, failed: false }
     this.#hash = opts.upstream ? undefined : createHash(digestAlgorithm(opts.digest))
   }
 
-  /** The algorithm of the expected digest, which the tee verifies. */
-  get digestAlgorithm(): DigestAlgorithm {
-    return digestAlgorithm(this.#opts.digest)
+  /** The bytes given so far. */
+  get bytes(): number {
+    return this.#bytes
   }
 
-  /** The digest of what passed, so that the wrapped destination need not hash it again. */
-  [streamDigest](): { digest: Digest; bytes: number } {
-    if (this.#computed === undefined) throw new Error('CacheTee: digest read before the stream ended')
-    return { digest: this.#computed, bytes: this.#bytes }
+  /** The digest of every byte given, once {@link end} has resolved. */
+  get digest(): Digest | undefined {
+    return this.#computed
   }
 
-  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+  /** The temporary file (until {@link settle}), if there is one. */
+  get file(): Readonly<WrittenFile> | undefined {
+    return this.#file
+  }
+
+  /**
+   * Takes the next chunk, which MUST NOT change afterwards (as any stream chunk); resolves once
+   * it is written, so that the caller holds at most one chunk. Never rejects.
+   */
+  write(chunk: Buffer): Promise<void> {
     this.#hash?.update(chunk)
     this.#bytes += chunk.length
-    this.push(chunk)
     const work: Promise<unknown>[] = []
-    if (this.#file) work.push(this.#writeFile(this.#file, chunk))
+    const file = this.#file
+    if (file && !file.failed) work.push(this.#writeFile(file, chunk))
     if (this.#head) {
       this.#head.push(chunk)
       this.#headBytes += chunk.length
       if (this.#headBytes >= PEEK_BYTES) work.push(this.#startDerived())
     } else if (this.#decompression) work.push(this.#decompression.write(chunk))
-    if (work.length === 0) {
-      cb()
-      return
-    }
-    this.#pending = Promise.all(work)
-    this.#pending.then(() => cb(), cb)
-  }
-
-  override _flush(cb: TransformCallback): void {
-    const finish = () => {
-      // The upstream has ended before this flush, so its digest is final here.
-      this.#computed = this.#opts.upstream
-        ? this.#opts.upstream[streamDigest]().digest
-        : (`${digestAlgorithm(this.#opts.digest)}:${this.#hash!.digest('hex')}` as Digest)
-      this.#decompression?.end()
-      cb()
-    }
-    if (this.#head) this.#startDerived().then(finish, cb)
-    else finish()
+    const done = work.length === 0 ? Promise.resolve() : work.length === 1 ? work[0] : Promise.all(work)
+    this.#pending = done
+    return done.then(
+      () => {},
+      () => {},
+    )
   }
 
   /**
-   * Commits or discards, once the consumer is done with the stream: the entry is named only if
-   * `consumerSucceeded`, the stream was read to its end, nothing failed and the bytes hash to
+   * Marks the end of the blob: takes the digest (the upstream's, which has ended by now, or its
+   * own) and ends the decompression's input.
+   */
+  async end(): Promise<void> {
+    await this.#pending.catch(() => {})
+    if (this.#head) await this.#startDerived()
+    this.#computed = this.#opts.upstream
+      ? this.#opts.upstream[streamDigest]().digest
+      : (`${digestAlgorithm(this.#opts.digest)}:${this.#hash!.digest('hex')}` as Digest)
+    this.#decompression?.end()
+  }
+
+  /**
+   * Commits or discards, once the consumer is done with the blob: the entry is named only if
+   * `consumerSucceeded`, the blob was given to its end, nothing failed and the bytes hash to
    * the expected digest. Waits for the decompression and stores its entry and notes under the
    * same condition. Never rejects.
    */
   async settle(consumerSucceeded: boolean): Promise<TeeOutcome> {
     const { dir, digest, name } = this.#opts
-    if (this.#computed === undefined) {
-      this.#decompression?.abort()
-      if (!this.destroyed) this.destroy()
-    }
+    if (this.#computed === undefined) this.#decompression?.abort()
     await this.#pending.catch(() => {})
     const file = this.#file
     this.#file = undefined
@@ -142,7 +156,7 @@ export class CacheTee extends Transform implements DigestingStream {
     const final = join(dir, name)
     if (file) {
       try {
-        if (verified && !(await fileExists(final))) {
+        if (verified && !file.failed && !(await fileExists(final))) {
           await rename(file.path, final)
           await stampVerified(final, this.#bytes)
           log('stored %s', name)
@@ -164,30 +178,76 @@ export class CacheTee extends Transform implements DigestingStream {
     return outcome
   }
 
-  async #writeFile(file: { handle: FileHandle; path: string }, chunk: Buffer): Promise<void> {
+  async #writeFile(file: WrittenFile, chunk: Buffer): Promise<void> {
     try {
       let offset = 0
       while (offset < chunk.length) {
         const { bytesWritten } = await file.handle.write(chunk, offset, chunk.length - offset)
         offset += bytesWritten
       }
+      file.bytes += chunk.length
     } catch (err) {
-      if (this.#file !== file) return
-      this.#file = undefined
-      await file.handle.close().catch(() => {})
-      await removeQuietly(file.path)
+      if (this.#file !== file || file.failed) return
+      file.failed = true
       this.#opts.onError(`writing ${this.#opts.name}`, err)
     }
   }
 
   /** Decides from the first bytes whether to decompress, and feeds them if so. */
   async #startDerived(): Promise<void> {
-    const head = Buffer.concat(this.#head ?? [])
+    const parts = this.#head ?? []
+    const head = parts.length === 1 ? parts[0] : Buffer.concat(parts)
     this.#head = null
     this.#algorithm = detectCompression(head)
     if (!this.#algorithm || !this.#opts.decompress) return
-    const base = this.#opts.digest
-    this.#decompression = new Decompression(this.#opts.dir, base, this.#algorithm, this.#opts.onError)
+    this.#decompression = startDecompression(this.#opts.dir, this.#opts.digest, this.#algorithm, this.#opts.onError)
     await this.#decompression.write(head)
+  }
+}
+
+/**
+ * Passes every chunk through unchanged and copies it to the cache through a {@link CacheWriter}.
+ * Each chunk is pushed on before its cache write finishes; the next one waits for that write,
+ * so the cache adds at most one chunk of latency and memory stays constant.
+ */
+export class CacheTee extends Transform implements DigestingStream {
+  readonly #writer: CacheWriter
+  readonly #digest: Digest
+  #ended = false
+
+  constructor(opts: CacheTeeOptions) {
+    super({ highWaterMark: HIGH_WATER_MARK })
+    this.#writer = new CacheWriter(opts)
+    this.#digest = opts.digest
+  }
+
+  /** The algorithm of the expected digest, which the tee verifies. */
+  get digestAlgorithm(): DigestAlgorithm {
+    return digestAlgorithm(this.#digest)
+  }
+
+  /** The digest of what passed, so that the wrapped destination need not hash it again. */
+  [streamDigest](): { digest: Digest; bytes: number } {
+    const digest = this.#writer.digest
+    if (digest === undefined) throw new Error('CacheTee: digest read before the stream ended')
+    return { digest, bytes: this.#writer.bytes }
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    this.push(chunk)
+    this.#writer.write(chunk).then(() => cb())
+  }
+
+  override _flush(cb: TransformCallback): void {
+    this.#writer.end().then(() => {
+      this.#ended = true
+      cb()
+    }, cb)
+  }
+
+  /** See {@link CacheWriter.settle}; a tee not read to its end is destroyed first. */
+  async settle(consumerSucceeded: boolean): Promise<TeeOutcome> {
+    if (!this.#ended && !this.destroyed) this.destroy()
+    return this.#writer.settle(consumerSucceeded)
   }
 }

@@ -14,6 +14,7 @@ import { type Digest, verifyDigest } from '../digest.js'
 import { errnoCode } from '../errors.js'
 import type { CompressionAlgorithm, DetectedAlgorithm } from '../types.js'
 import { FILE_MODE, HIGH_WATER_MARK, fileExists, removeQuietly, tempPath } from './files.js'
+import { threadDecompression } from './decompress-thread.js'
 import { addCompressedVariant, readCompressedNote, writeDecompressedNote } from './notes.js'
 import { stampVerified } from './stamp.js'
 
@@ -26,18 +27,47 @@ const DECOMPRESS_SLACK = 4 << 20
 export type CacheErrorHandler = (what: string, err: unknown) => void
 
 /** A finished derived file, not yet named. */
-interface DerivedFile {
+export interface DerivedFile {
   tmp: string
   digest: Digest
 }
 
 /**
- * Decompresses the bytes written to it into a temporary file while hashing them (sha256). A
- * failure (corrupt data, a missing bzip2/xz program, a full disk) stops it quietly: writes then
- * do nothing, and {@link done} resolves undefined. Writing waits while the decompressor is
- * busy, which is what bounds its memory.
+ * A decompression of a blob given chunk by chunk into a temporary file, hashed (sha256) as it
+ * is written. A failure (corrupt data, a missing bzip2/xz program, a full disk) stops it
+ * quietly: it is reported to the error handler, the temporary file is removed, writes then do
+ * nothing, and {@link done} resolves undefined. It never fails the copy.
  */
-export class Decompression {
+export interface Decompression {
+  /** The algorithm it decompresses. */
+  readonly algorithm: DetectedAlgorithm
+  /** The finished file, or undefined after a failure or an abort (then no file is left). */
+  readonly done: Promise<DerivedFile | undefined>
+  /**
+   * Feeds bytes, which MUST NOT change afterwards (they may still be read once this has
+   * resolved); resolves when it can take more (or has failed). It MUST bound the bytes it holds
+   * (back-pressure), and never rejects.
+   */
+  write(chunk: Buffer): Promise<void>
+  /** Ends the input; {@link done} settles when everything is decompressed. */
+  end(): void
+  /** Stops it; {@link done} then resolves undefined (not reported as a failure), with no file left. */
+  abort(): void
+}
+
+/**
+ * Starts decompressing `algorithm` into a temporary file of `dir` named after `base`: gzip on
+ * the decompression thread (see decompress-thread.ts), the others here.
+ */
+export function startDecompression(dir: string, base: string, algorithm: DetectedAlgorithm, onError: CacheErrorHandler): Decompression {
+  return (algorithm === 'gzip' && threadDecompression(dir, base, onError)) || new StreamDecompression(dir, base, algorithm, onError)
+}
+
+/**
+ * A {@link Decompression} on this thread, with Node streams. Writing waits while the
+ * decompressor is busy, which is what bounds its memory.
+ */
+class StreamDecompression implements Decompression {
   readonly #input: Transform | undefined
   readonly done: Promise<DerivedFile | undefined>
   #failed = false

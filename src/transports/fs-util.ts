@@ -2,15 +2,15 @@
 // them): verified blob writes through a `.tmp-` file and a rename, atomic small-file writes,
 // and reads that translate ENOENT into the distribution-spec codes.
 import { randomBytes } from 'node:crypto'
-import { type WriteStream, constants, createReadStream, createWriteStream } from 'node:fs'
+import { constants, createReadStream } from 'node:fs'
 import { chmod, copyFile, link, lstat, mkdir, open, rename, rm, stat } from 'node:fs/promises'
-import { once } from 'node:events'
 import { dirname, join } from 'node:path'
 import { addAbortSignal, type Readable } from 'node:stream'
-import { pipeline } from 'node:stream/promises'
 import debug from 'debug'
-import { type Digest, checkDigest, digestingStream, streamDigest, verifyDigest } from '../digest.js'
+import { type Digest, checkDigest, digestAlgorithm, digestingStream, streamDigest } from '../digest.js'
 import { type ErrorCode, ImageError, errnoCode, notFound } from '../errors.js'
+import { drainInto } from '../io/blob-drain.js'
+import { BlobFile } from '../io/blob-file.js'
 import type { CallOptions } from '../types.js'
 
 const log = debug('blobcache:transports:fs-util')
@@ -53,7 +53,10 @@ export type BlobTarget = (digest: Digest) => string
  * Streams `stream` into a temporary file in `tempDir` while hashing it once, then renames the
  * file to `target(digest)`. The digest (and size, when known) MUST match or the call fails with
  * `DIGEST_INVALID`/`SIZE_INVALID`; on any failure, including an abort (which rejects with
- * `signal.reason`), the temporary file is removed and nothing is named.
+ * `signal.reason`), the temporary file is removed and nothing is named. The stream's chunks
+ * MUST NOT change once emitted: they are written as they are, one `writev` at a time, and large
+ * blobs are hashed on the hashing thread (see {@link BlobFile}). A durable file is flushed to
+ * disk in the background as it grows, and fsynced before the rename.
  */
 export async function writeBlob(stream: Readable, tempDir: string, target: BlobTarget, opts: WriteBlobOptions = {}): Promise<StoredBlob> {
   const { signal } = opts
@@ -61,30 +64,36 @@ export async function writeBlob(stream: Readable, tempDir: string, target: BlobT
     stream.destroy()
     throw signal.reason
   }
+  const durable = opts.durable !== false
+  const size = opts.size ?? -1
+  // A stream that hashes what it passes on (copyImage's verifier) is not hashed twice.
+  const upstream = digestingStream(stream, opts.expected)
+  const algorithm = opts.expected ? digestAlgorithm(opts.expected) : 'sha256'
   const tmp = tempPath(tempDir)
-  let out: WriteStream | undefined
+  let file: BlobFile
   try {
-    out = createWriteStream(tmp, { flags: 'wx', mode: 0o644, highWaterMark: HIGH_WATER_MARK })
-    await once(out, 'ready') // the file exists from here on, so the cleanup below always finds it
+    file = await BlobFile.create(tmp, { algorithm: upstream ? undefined : algorithm, size, flush: durable })
   } catch (err) {
     stream.destroy()
-    out?.destroy()
     throw err
   }
-  const file = out
   try {
-    // A stream that hashes what it passes on (copyImage's verifier) is not hashed twice.
-    const upstream = digestingStream(stream, opts.expected)
-    const verifier = upstream ? undefined : verifyDigest({ expected: opts.expected, size: opts.size })
-    await pipeline(verifier ? [stream, verifier, file] : [stream, file], { signal })
-    const got = upstream ? upstream[streamDigest]() : { digest: verifier!.digest, bytes: verifier!.bytes }
-    if (upstream) checkDigest(got, opts)
-    if (opts.durable !== false) await syncFile(tmp)
+    const what = opts.expected ? `blob ${opts.expected}` : 'blob'
+    const written = await drainInto(stream, file, { size, what, signal })
+    const got = upstream ? upstream[streamDigest]() : { digest: `${algorithm}:${written.hex}` as Digest, bytes: written.bytes }
+    if (got.bytes !== written.bytes) {
+      throw new ImageError('SIZE_INVALID', `${what}: the stream reported ${got.bytes} bytes but gave ${written.bytes}`)
+    }
+    checkDigest(got, opts)
+    if (durable) await file.sync()
+    await file.close()
+    signal?.throwIfAborted()
     return await place(tmp, target(got.digest), got.digest, got.bytes)
   } catch (err) {
-    file.destroy()
+    stream.destroy()
     throw signal?.aborted ? signal.reason : err
   } finally {
+    await file.close()
     await rm(tmp, { force: true })
   }
 }

@@ -1,0 +1,74 @@
+import { randomBytes } from 'node:crypto'
+import { readdir, readFile } from 'node:fs/promises'
+import { gzipSync } from 'node:zlib'
+import { describe, expect, it } from 'vitest'
+import { testDir } from '../../test/helpers/conformance.js'
+import { digestOf } from '../digest.js'
+import { SLAB_BYTES } from '../io/hash-thread.js'
+import { threadDecompression } from './decompress-thread.js'
+
+const chunks = (data: Buffer, n: number) => Array.from({ length: Math.ceil(data.length / n) }, (_, i) => data.subarray(i * n, (i + 1) * n))
+
+async function run(dir: string, input: Buffer, pieceBytes: number) {
+  const errors: unknown[] = []
+  const job = threadDecompression(dir, 'sha256:base', (_what, err) => errors.push(err))!
+  expect(job).toBeDefined()
+  for (const c of chunks(input, pieceBytes)) await job.write(c)
+  job.end()
+  return { file: await job.done, errors }
+}
+
+describe('decompression thread (gzip)', () => {
+  it.each([
+    ['small pieces', 1000],
+    ['pieces larger than a slab', SLAB_BYTES + 12345],
+  ])('writes the decompressed bytes and their sha256 to a temporary file (%s)', async (_name, pieceBytes) => {
+    const dir = await testDir()
+    // two members, as concatenated gzip files are; partly compressible, partly not
+    const plain = Buffer.concat([Buffer.alloc(3 << 20, 'a'), randomBytes(1 << 20), Buffer.from('tail')])
+    const input = Buffer.concat([gzipSync(plain.subarray(0, 2 << 20)), gzipSync(plain.subarray(2 << 20))])
+    const { file, errors } = await run(dir, input, pieceBytes)
+    expect(errors).toEqual([])
+    expect(file?.digest).toBe(digestOf(plain))
+    expect(file?.tmp.startsWith(dir)).toBe(true)
+    expect(digestOf(await readFile(file!.tmp))).toBe(digestOf(plain))
+  })
+
+  it('runs several jobs at once', async () => {
+    const dir = await testDir()
+    const plains = [0, 1, 2, 3].map(() => randomBytes(700_000))
+    const results = await Promise.all(plains.map((p) => run(dir, gzipSync(p), 100_000)))
+    expect(results.map((r) => r.file?.digest)).toEqual(plains.map((p) => digestOf(p)))
+    expect((await readdir(dir)).length).toBe(4)
+  })
+
+  it('stops quietly on corrupt data: reported once, no file left, writes still resolve', async () => {
+    const dir = await testDir()
+    const good = gzipSync(randomBytes(2 << 20))
+    const bad = Buffer.concat([good.subarray(0, 1000), randomBytes(3 << 20)])
+    const { file, errors } = await run(dir, bad, 256 << 10)
+    expect(file).toBeUndefined()
+    expect(errors).toHaveLength(1)
+    expect(await readdir(dir)).toEqual([])
+  })
+
+  it('an abort leaves no file and reports nothing', async () => {
+    const dir = await testDir()
+    const errors: unknown[] = []
+    const job = threadDecompression(dir, 'sha256:base', (_w, err) => errors.push(err))!
+    const input = gzipSync(randomBytes(4 << 20))
+    await job.write(input.subarray(0, 2 << 20))
+    job.abort()
+    await job.write(input.subarray(2 << 20))
+    expect(await job.done).toBeUndefined()
+    expect(errors).toEqual([])
+    expect(await readdir(dir)).toEqual([])
+  })
+
+  it('a missing directory is a failure reported once', async () => {
+    const dir = await testDir()
+    const { file, errors } = await run(`${dir}/missing`, gzipSync(Buffer.from('x')), 10)
+    expect(file).toBeUndefined()
+    expect(errors).toHaveLength(1)
+  })
+})

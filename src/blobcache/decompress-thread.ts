@@ -1,0 +1,251 @@
+// Decompressing gzip layers on a thread of its own. The cache stores the decompressed form of
+// every gzip layer it sees; on the main thread that cost a cold copy of 4 x 41 MiB layers about
+// 550 ms of main-thread time (sha256 of 256 MiB, zlib's callbacks, 256 writes and their garbage)
+// while the main thread also had to read and write the layers. Here the main thread only copies
+// the compressed bytes into shared memory; a worker thread inflates (on libuv's pool, as
+// before), hashes and writes the `.tmp-` file.
+import type { Worker } from 'node:worker_threads'
+import debug from 'debug'
+import type { Digest } from '../digest.js'
+import { SLAB_BYTES, giveBackSlab, newSlab } from '../io/hash-thread.js'
+import { requireLazily } from '../lazy-require.js'
+import { removeQuietly, tempPath } from './files.js'
+import type { CacheErrorHandler, Decompression, DerivedFile } from './variants.js'
+
+const log = debug('blobcache:blobcache:decompress-thread')
+
+/** Compressed bytes given to the thread and not yet taken by the inflater, per layer, before `write` waits. */
+const SLACK = 4 << 20
+
+// The worker's code (a CommonJS script). Messages in: [id, path] starts a job that gunzips into
+// a new file at path (mode 0644), [id, buffer, offset, length] feeds it (answered [id] once the
+// bytes are taken: the memory may then be reused), [id, true] ends the input, [id, false]
+// aborts. Each job ends with one answer: [id, hex sha256, bytes] when its file is written,
+// [id, null, message, code] when it failed, [id, null] when it was aborted; its file is removed
+// before any but the first. Messages of one id are handled in order.
+const WORKER_SOURCE = `
+const { parentPort } = require('node:worker_threads')
+const { createHash } = require('node:crypto')
+const { createWriteStream, unlink } = require('node:fs')
+const { Transform, pipeline } = require('node:stream')
+const { createGunzip } = require('node:zlib')
+const CHUNK = 1 << 20
+const jobs = new Map()
+function start(id, path) {
+  const hash = createHash('sha256')
+  let bytes = 0
+  const gunzip = createGunzip({ chunkSize: CHUNK })
+  const hasher = new Transform({ highWaterMark: CHUNK, transform(chunk, _e, cb) { hash.update(chunk); bytes += chunk.length; cb(null, chunk) } })
+  const out = createWriteStream(path, { flags: 'wx', mode: 0o644, highWaterMark: CHUNK })
+  const job = { gunzip, aborted: false, created: false }
+  out.on('open', () => { job.created = true })
+  jobs.set(id, job)
+  pipeline(gunzip, hasher, out, (err) => {
+    jobs.delete(id)
+    if (!err) return parentPort.postMessage([id, hash.digest('hex'), bytes])
+    const answer = () => parentPort.postMessage(job.aborted ? [id, null] : [id, null, String(err.message || err), err.code])
+    if (job.created) unlink(path, answer)
+    else answer()
+  })
+}
+parentPort.on('message', (m) => {
+  const id = m[0]
+  if (typeof m[1] === 'string') return start(id, m[1])
+  const job = jobs.get(id)
+  if (m.length === 4) {
+    if (!job || job.gunzip.destroyed) return parentPort.postMessage([id])
+    job.gunzip.write(new Uint8Array(m[1], m[2], m[3]), () => parentPort.postMessage([id]))
+  } else if (job && m[1]) job.gunzip.end()
+  else if (job) {
+    job.aborted = true
+    job.gunzip.destroy(new Error('aborted'))
+  }
+})
+`
+
+type Answer = [number, (string | null)?, number?, string?] | [number, null, string, string?]
+
+interface Job {
+  /** Called for each piece taken. */
+  taken(): void
+  /** Called once, with the job's last answer (or the thread's failure). */
+  finish(answer: { hex: string; bytes: number } | { err: Error } | undefined): void
+}
+
+/**
+ * The process's decompression thread, started on first use; it does not keep the process
+ * alive when idle. If it fails, every job it holds fails (reported, so counted as cache
+ * errors), and later layers are decompressed on the main thread.
+ */
+class DecompressThread {
+  readonly #worker: Worker
+  readonly #jobs = new Map<number, Job>()
+  #next = 1
+  #dead: Error | undefined
+
+  constructor() {
+    const threads = requireLazily('node:worker_threads') as typeof import('node:worker_threads')
+    this.#worker = new threads.Worker(WORKER_SOURCE, {
+      eval: true, name: 'blobcache decompression', execArgv: [], env: threads.SHARE_ENV, stdout: true, stderr: true, trackUnmanagedFds: false,
+    })
+    this.#worker.unref()
+    this.#worker.on('message', (m: Answer) => this.#answer(m))
+    this.#worker.on('error', (err) => this.#die(err))
+    this.#worker.on('exit', (code) => this.#die(new Error(`the decompression thread exited with code ${code}`)))
+  }
+
+  get dead(): boolean {
+    return this.#dead !== undefined
+  }
+
+  /** Starts a job writing `path`; returns its id. */
+  start(path: string, job: Job): number {
+    const id = this.#next++
+    if (this.#jobs.size === 0) this.#worker.ref()
+    this.#jobs.set(id, job)
+    this.#worker.postMessage([id, path])
+    return id
+  }
+
+  post(message: unknown[]): void {
+    if (!this.#dead) this.#worker.postMessage(message)
+  }
+
+  #answer(m: Answer): void {
+    const job = this.#jobs.get(m[0])
+    if (!job) return
+    if (m.length === 1) return job.taken()
+    this.#jobs.delete(m[0])
+    if (this.#jobs.size === 0) this.#worker.unref()
+    if (typeof m[1] === 'string') job.finish({ hex: m[1], bytes: m[2] as number })
+    else if (m.length === 2) job.finish(undefined)
+    else job.finish({ err: Object.assign(new Error(m[2] as string), m[3] ? { code: m[3] } : {}) })
+  }
+
+  #die(err: Error): void {
+    if (this.#dead) return
+    this.#dead = err
+    threadFailed = true
+    log('decompression thread failed: %s', err.message)
+    if (thread === this) thread = undefined
+    const jobs = [...this.#jobs.values()]
+    this.#jobs.clear()
+    for (const job of jobs) job.finish({ err })
+  }
+}
+
+let thread: DecompressThread | undefined
+/** A thread has failed: later layers are decompressed on the main thread. */
+let threadFailed = false
+
+/**
+ * A gzip decompression on the decompression thread, or undefined when a thread failed before
+ * (then the caller decompresses on its own thread).
+ */
+export function threadDecompression(dir: string, base: string, onError: CacheErrorHandler): Decompression | undefined {
+  if (threadFailed) return undefined
+  try {
+    return new ThreadDecompression(dir, base, onError)
+  } catch (err) {
+    threadFailed = true
+    log('no decompression thread: %s', (err as Error).message)
+    return undefined
+  }
+}
+
+/**
+ * A gzip {@link Decompression} on the decompression thread. The bytes given are copied into
+ * slabs of shared memory; `write` waits while more than {@link SLACK} bytes wait for the
+ * inflater, which in turn waits for the file, so memory stays bounded.
+ */
+class ThreadDecompression implements Decompression {
+  readonly algorithm = 'gzip' as const
+  readonly done: Promise<DerivedFile | undefined>
+  readonly #thread: DecompressThread
+  readonly #id: number
+  #slab: { memory: SharedArrayBuffer; bytes: Buffer; filled: number } | undefined
+  /** Slabs given to the thread and not yet taken back, in order. */
+  readonly #given: SharedArrayBuffer[] = []
+  #waiting: (() => void) | undefined
+  #over = false
+  #aborted = false
+
+  constructor(dir: string, base: string, onError: CacheErrorHandler) {
+    const tmp = tempPath(dir, base)
+    if (!thread || thread.dead) thread = new DecompressThread()
+    this.#thread = thread
+    let finish!: (file: DerivedFile | undefined) => void
+    this.done = new Promise((resolve) => (finish = resolve))
+    this.#id = this.#thread.start(tmp, {
+      taken: () => this.#taken(),
+      finish: (answer) => {
+        this.#over = true
+        for (const memory of this.#given.splice(0)) giveBackSlab(memory)
+        if (this.#slab) giveBackSlab(this.#slab.memory)
+        this.#slab = undefined
+        this.#wake()
+        if (answer && 'hex' in answer) {
+          finish({ tmp, digest: `sha256:${answer.hex}` as Digest })
+          return
+        }
+        if (answer && !this.#aborted) onError(`decompressing ${base} (gzip)`, answer.err)
+        // the thread removed it already, unless it died
+        removeQuietly(tmp).then(() => finish(undefined))
+      },
+    })
+  }
+
+  /** Copies `chunk` into shared memory, giving each full slab to the thread. */
+  async write(chunk: Buffer): Promise<void> {
+    let offset = 0
+    while (offset < chunk.length && !this.#over) {
+      if (!this.#slab) {
+        const memory = newSlab()
+        this.#slab = { memory, bytes: Buffer.from(memory), filled: 0 }
+      }
+      const slab = this.#slab
+      const n = chunk.copy(slab.bytes, slab.filled, offset)
+      slab.filled += n
+      offset += n
+      if (slab.filled === SLAB_BYTES) this.#give()
+    }
+    while (!this.#over && this.#given.length * SLAB_BYTES > SLACK) await new Promise<void>((resolve) => (this.#waiting = resolve))
+  }
+
+  /** Gives the rest to the thread and ends the input. */
+  end(): void {
+    if (this.#over) return
+    this.#give()
+    this.#thread.post([this.#id, true])
+  }
+
+  /** Stops the job; {@link done} resolves undefined once its file is gone. */
+  abort(): void {
+    if (this.#over || this.#aborted) return
+    this.#aborted = true
+    this.#thread.post([this.#id, false])
+  }
+
+  #give(): void {
+    const slab = this.#slab
+    this.#slab = undefined
+    if (!slab || slab.filled === 0) {
+      if (slab) giveBackSlab(slab.memory)
+      return
+    }
+    this.#given.push(slab.memory)
+    this.#thread.post([this.#id, slab.memory, 0, slab.filled])
+  }
+
+  #taken(): void {
+    const memory = this.#given.shift()
+    if (memory) giveBackSlab(memory)
+    this.#wake()
+  }
+
+  #wake(): void {
+    const waiting = this.#waiting
+    this.#waiting = undefined
+    waiting?.()
+  }
+}
