@@ -1,7 +1,6 @@
-import { createHash } from 'node:crypto'
+import { createHash, type Hash } from 'node:crypto'
 import { Transform, type TransformCallback } from 'node:stream'
 import { DigestMismatchError, ImageError } from './errors.js'
-import { StreamHash } from './io/stream-hash.js'
 
 /** A validated content digest, `sha256:<64 hex>` or `sha512:<128 hex>`; built only by this module. */
 export type Digest = string & { readonly __digest: true }
@@ -87,13 +86,10 @@ export function digestingStream(stream: unknown, expected?: Digest): DigestingSt
 /**
  * A pass-through Transform that hashes the bytes flowing through it. With `expected`, it fails
  * at end of stream with {@link DigestMismatchError}; with `size`, it fails with `SIZE_INVALID` as
- * soon as more bytes arrive than announced, or at the end if fewer did. Large blobs (a known
- * size of at least 4 MiB, or an unknown one once 4 MiB have passed) are hashed on the hashing
- * thread (see {@link StreamHash}), so chunks MUST NOT change once written to it; the stream
- * still ends only after the whole digest is checked.
+ * soon as more bytes arrive than announced, or at the end if fewer did.
  */
 export class DigestStream extends Transform implements DigestingStream {
-  readonly #hash: StreamHash
+  readonly #hash: Hash
   readonly #algorithm: DigestAlgorithm
   readonly #expected: Digest | undefined
   readonly #size: number
@@ -104,8 +100,8 @@ export class DigestStream extends Transform implements DigestingStream {
     super({ highWaterMark: 1 << 20 })
     this.#expected = opts.expected
     this.#algorithm = opts.expected ? digestAlgorithm(opts.expected) : (opts.algorithm ?? 'sha256')
+    this.#hash = createHash(this.#algorithm)
     this.#size = opts.size ?? -1
-    this.#hash = new StreamHash(this.#algorithm, this.#size)
   }
 
   /** Bytes seen so far. */
@@ -134,44 +130,18 @@ export class DigestStream extends Transform implements DigestingStream {
       cb(new ImageError('SIZE_INVALID', `${this.#what()}: more than the expected ${this.#size} bytes`))
       return
     }
-    let more: boolean
-    try {
-      more = this.#hash.update(chunk)
-    } catch (err) {
-      cb(err as Error)
-      return
-    }
-    if (more) return cb(null, chunk)
-    // the hashing thread is behind: pass the chunk on, take the next once it has caught up
-    this.push(chunk)
-    this.#hash.ready().then(
-      () => {
-        if (!this.destroyed) cb()
-      },
-      (err: Error) => {
-        if (!this.destroyed) cb(err)
-      },
-    )
+    this.#hash.update(chunk)
+    cb(null, chunk)
   }
 
   override _flush(cb: TransformCallback): void {
-    this.#hash.digest().then(
-      (hex) => {
-        this.#digest = `${this.#algorithm}:${hex}` as Digest
-        try {
-          checkDigest({ digest: this.#digest, bytes: this.#bytes }, { expected: this.#expected, size: this.#size })
-          cb()
-        } catch (err) {
-          cb(err as Error)
-        }
-      },
-      (err: Error) => cb(err),
-    )
-  }
-
-  override _destroy(err: Error | null, cb: (err?: Error | null) => void): void {
-    this.#hash.dispose()
-    cb(err)
+    this.#digest = `${this.#algorithm}:${this.#hash.digest('hex')}` as Digest
+    try {
+      checkDigest({ digest: this.#digest, bytes: this.#bytes }, { expected: this.#expected, size: this.#size })
+      cb()
+    } catch (err) {
+      cb(err as Error)
+    }
   }
 
   #what(): string {

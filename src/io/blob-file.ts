@@ -7,12 +7,11 @@ import { type Hash, createHash } from 'node:crypto'
 import { close, fdatasync, fsync, open, writev } from 'node:fs'
 import type { DigestAlgorithm } from '../digest.js'
 import { SLAB_BYTES, ThreadHash, dropFreeSlabs, giveBackSlab, newSlab, pooledSlab } from './hash-thread.js'
-import { THREAD_HASH_MIN } from './stream-hash.js'
-
-export { THREAD_HASH_MIN }
 
 /** Bytes one file may hold in memory (being written or hashed) before `write` asks to wait. */
 export const HIGH_WATER = 4 << 20
+/** Blobs at least this large are hashed on the hashing thread; smaller ones inline. */
+export const THREAD_HASH_MIN = 4 << 20
 /**
  * Bytes written since the last flush that start a background `fdatasync` (with `flush`).
  * Otherwise the page cache holds a whole layer until the fsync before the rename, which then

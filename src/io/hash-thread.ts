@@ -10,10 +10,8 @@ import { requireLazily } from '../lazy-require.js'
 const log = debug('blobcache:io:hash-thread')
 
 // The worker's code (a CommonJS script). Messages in: [id, algorithm, buffer, offset, length]
-// hashes a piece of shared memory (answered with [id]), or of an ArrayBuffer transferred to the
-// thread (answered with [id, undefined, undefined, buffer], transferring it back); [id, algorithm]
-// answers [id, hex digest] and forgets the hash, [id] forgets it. Messages of one id are handled
-// in order.
+// hashes a piece (answered with [id]), [id, algorithm] answers [id, hex digest] and forgets the
+// hash, [id] forgets it. Messages of one id are handled in order.
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads')
 const { createHash } = require('node:crypto')
@@ -25,8 +23,7 @@ parentPort.on('message', (m) => {
       let h = hashes.get(id)
       if (!h) hashes.set(id, (h = createHash(m[1])))
       h.update(new Uint8Array(m[2], m[3], m[4]))
-      if (m[2] instanceof SharedArrayBuffer) parentPort.postMessage([id])
-      else parentPort.postMessage([id, undefined, undefined, m[2]], [m[2]])
+      parentPort.postMessage([id])
     } else if (m.length === 2) {
       const h = hashes.get(id) ?? createHash(m[1])
       hashes.delete(id)
@@ -39,9 +36,7 @@ parentPort.on('message', (m) => {
 })
 `
 
-/** An answer: [id], [id, hex], [id, null, error] or [id, undefined, undefined, returned buffer]. */
-type Answer = [number, (string | null)?, string?, ArrayBuffer?]
-type Waiter = { resolve: (answer: Answer) => void; reject: (err: Error) => void }
+type Waiter = { resolve: (hex?: string) => void; reject: (err: Error) => void }
 
 /**
  * The process's hashing thread, started on first use (it takes some 30 ms to start, while the
@@ -64,7 +59,7 @@ class HashThread {
       eval: true, name: 'blobcache hashing', execArgv: [], env: threads.SHARE_ENV, stdout: true, stderr: true, trackUnmanagedFds: false,
     })
     this.#worker.unref()
-    this.#worker.on('message', (m: Answer) => this.#answer(m))
+    this.#worker.on('message', (m: [number, (string | null)?, string?]) => this.#answer(m))
     this.#worker.on('error', (err) => this.#die(err))
     this.#worker.on('exit', (code) => this.#die(new Error(`the hashing thread exited with code ${code}`)))
   }
@@ -77,8 +72,8 @@ class HashThread {
     return this.#next++
   }
 
-  /** Sends a request (transferring `transfer`) and resolves its answer. */
-  request(message: unknown[], transfer?: ArrayBuffer[]): Promise<Answer> {
+  /** Sends a request and resolves its answer. */
+  request(message: unknown[]): Promise<string | undefined> {
     if (this.#dead) return Promise.reject(this.#dead)
     const id = message[0] as number
     return new Promise((resolve, reject) => {
@@ -86,7 +81,7 @@ class HashThread {
       if (!queue) this.#waiting.set(id, (queue = []))
       queue.push({ resolve, reject })
       if (this.#pending++ === 0) this.#worker.ref()
-      this.#worker.postMessage(message, transfer)
+      this.#worker.postMessage(message)
     })
   }
 
@@ -95,15 +90,14 @@ class HashThread {
     if (!this.#dead) this.#worker.postMessage([id])
   }
 
-  #answer(answer: Answer): void {
-    const [id, , error] = answer
+  #answer([id, hex, error]: [number, (string | null)?, string?]): void {
     const queue = this.#waiting.get(id)
     const waiter = queue?.shift()
     if (!waiter) return
     if (queue!.length === 0) this.#waiting.delete(id)
     if (--this.#pending === 0) this.#worker.unref()
     if (error !== undefined) waiter.reject(new Error(`the hashing thread failed: ${error}`))
-    else waiter.resolve(answer)
+    else waiter.resolve(hex ?? undefined)
   }
 
   #die(err: Error): void {
@@ -126,9 +120,8 @@ function hashThread(): HashThread {
 
 /**
  * An incremental hash computed on the hashing thread. Pieces are given as shared memory,
- * which MUST NOT change until `update` resolves, or as an ArrayBuffer handed to the thread
- * (`updateTransferred`); `digest` resolves the hex digest of all pieces in the order they were
- * given. `dispose` forgets the hash (after a failure).
+ * which MUST NOT change until `update` resolves; `digest` resolves the hex digest of all
+ * pieces in the order they were given. `dispose` forgets the hash (after a failure).
  */
 export class ThreadHash {
   readonly #thread = hashThread()
@@ -143,20 +136,10 @@ export class ThreadHash {
     await this.#thread.request([this.#id, this.algorithm, buffer, offset, length])
   }
 
-  /**
-   * Hashes `length` bytes of `buffer` from `offset`, transferring the buffer to the thread (it
-   * is detached here until then: copying into plain memory is faster than into shared memory);
-   * resolves the buffer, back again, once the bytes are read.
-   */
-  async updateTransferred(buffer: ArrayBuffer, offset: number, length: number): Promise<ArrayBuffer> {
-    const answer = await this.#thread.request([this.#id, this.algorithm, buffer, offset, length], [buffer])
-    return answer[3]!
-  }
-
   /** The hex digest of every piece given. */
   async digest(): Promise<string> {
     this.#done = true
-    return (await this.#thread.request([this.#id, this.algorithm]))[1]!
+    return (await this.#thread.request([this.#id, this.algorithm]))!
   }
 
   /** Forgets the hash (after a failure); nothing once digested. */

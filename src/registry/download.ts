@@ -1,8 +1,7 @@
 import { setTimeout as sleep } from 'node:timers/promises'
-import { PassThrough, Readable } from 'node:stream'
+import { PassThrough, Readable, Writable } from 'node:stream'
 import debug from 'debug'
-import { type Digest, checkDigest, digestAlgorithm } from '../digest.js'
-import { StreamHash } from '../io/stream-hash.js'
+import { type Digest, DigestStream } from '../digest.js'
 import { ImageError, isImageError } from '../errors.js'
 import { repositoryScope } from './auth.js'
 import { type RegistryClient, type RegistryResponse, header } from './client.js'
@@ -27,9 +26,7 @@ export interface OpenBlobOptions {
   /**
    * Where the 1 MiB pieces are gathered (see {@link COALESCE_BYTES}): called with a piece's
    * length, returns a buffer of that length which the stream fills and passes on, e.g. reused
-   * shared memory that the consumer gives back once done with it (the hash of `verify` copies
-   * pieces of the slab pool rather than read them after they are passed on). Default: a new
-   * Buffer each.
+   * shared memory that the consumer gives back once done with it. Default: a new Buffer each.
    */
   allocate?: (length: number) => Buffer
 }
@@ -112,10 +109,7 @@ const COALESCE_BYTES = 1 << 20
 class ResumableBlob extends Readable {
   readonly #opts: ResumableOptions
   readonly #client: RegistryClient
-  /** The hash of the whole blob, when verifying (on the hashing thread for large blobs). */
-  readonly #hash: StreamHash | undefined
-  /** Waiting for the hash to catch up: the body stays paused. */
-  #hashing = false
+  readonly #verify: DigestStream | SizeCheck
   #body: RegistryResponse['body'] | undefined
   #offset = 0
   #skip = 0
@@ -129,7 +123,9 @@ class ResumableBlob extends Readable {
     super({ highWaterMark: 1 << 20 })
     this.#opts = opts
     this.#client = client
-    if (opts.verify) this.#hash = new StreamHash(digestAlgorithm(opts.digest), opts.size)
+    this.#verify = opts.verify ? new DigestStream({ expected: opts.digest, size: opts.size }) : new SizeCheck(opts.digest, opts.size)
+    this.#verify.on('error', (err) => this.destroy(err)) // too many bytes, or a mismatch at the end
+    if (this.#verify instanceof DigestStream) this.#verify.resume() // hash only: its output is dropped
     this.#attach(first.body)
   }
 
@@ -144,10 +140,6 @@ class ResumableBlob extends Readable {
         if (chunk.length === 0) return
       }
       this.#offset += chunk.length
-      if (this.#opts.size >= 0 && this.#offset > this.#opts.size) {
-        this.destroy(new ImageError('SIZE_INVALID', `blob ${this.#opts.digest}: more than the expected ${this.#opts.size} bytes`))
-        return
-      }
       this.#held.push(chunk)
       this.#heldBytes += chunk.length
       if (this.#heldBytes >= COALESCE_BYTES && !this.#release()) body.pause()
@@ -180,48 +172,17 @@ class ResumableBlob extends Readable {
     const out = allocate ? gather(this.#held, allocate(this.#heldBytes)) : this.#held.length === 1 ? this.#held[0] : Buffer.concat(this.#held, this.#heldBytes)
     this.#held = []
     this.#heldBytes = 0
-    if (this.#hash && !this.#hashed(out)) return false
+    this.#verify.write(out)
     return this.push(out)
   }
 
-  /** Hashes `piece`; false (after destroying the stream, or pausing it until the hash catches up) to stop reading. */
-  #hashed(piece: Buffer): boolean {
-    let more: boolean
-    try {
-      more = this.#hash!.update(piece)
-    } catch (err) {
-      this.destroy(err as Error)
-      return false
-    }
-    if (more) return true
-    this.#hashing = true
-    this.#hash!.ready().then(
-      () => {
-        this.#hashing = false
-        if (!this.destroyed && !this.#reopening && this.readableLength < this.readableHighWaterMark) this.#body?.resume()
-      },
-      (err: Error) => this.destroy(err),
-    )
-    this.push(piece)
-    return false
-  }
-
   #finish(): void {
-    if (this.#release() === false && this.destroyed) return
-    const { digest, size } = this.#opts
-    if (!this.#hash) {
-      // sizes only (a short body was retried as an interruption, a long one failed already)
+    this.#release()
+    this.#verify.once('finish', () => {
+      // flush() has run without error: the bytes match the digest and size
       if (!this.destroyed) this.push(null)
-      return
-    }
-    this.#hash
-      .digest()
-      .then((hex) => {
-        checkDigest({ digest: `${digestAlgorithm(digest)}:${hex}` as Digest, bytes: this.#offset }, { expected: digest, size })
-        // the bytes match the digest and size
-        if (!this.destroyed) this.push(null)
-      })
-      .catch((err: Error) => this.destroy(err))
+    })
+    this.#verify.end()
   }
 
   #interrupted(err: Error, transient: boolean): void {
@@ -260,22 +221,44 @@ class ResumableBlob extends Readable {
         this.#skip = this.#offset // the registry sent the whole blob again; drop what we have
       }
       this.#attach(res.body)
-      if (this.readableFlowing !== false && !this.#hashing && this.readableLength < this.readableHighWaterMark) res.body.resume()
+      if (this.readableFlowing !== false && this.readableLength < this.readableHighWaterMark) res.body.resume()
     } catch (err) {
       this.destroy(this.#opts.signal?.aborted ? this.#opts.signal.reason : this.#typed(err as Error))
     }
   }
 
   override _read(): void {
-    if (!this.#reopening && !this.#hashing) this.#body?.resume()
+    if (!this.#reopening) this.#body?.resume()
   }
 
   override _destroy(err: Error | null, cb: (err?: Error | null) => void): void {
     this.#body?.destroy()
     this.#body = undefined
     this.#held = []
-    this.#hash?.dispose()
+    this.#verify.destroy()
     cb(err)
+  }
+}
+
+/** Counts bytes like {@link DigestStream} with `size`, without hashing them. */
+class SizeCheck extends Writable {
+  #bytes = 0
+  constructor(
+    readonly digest: Digest,
+    readonly size: number,
+  ) {
+    super({ highWaterMark: 1 << 20 })
+  }
+
+  override _write(chunk: Buffer, _enc: BufferEncoding, cb: (err?: Error | null) => void): void {
+    this.#bytes += chunk.length
+    if (this.size >= 0 && this.#bytes > this.size) cb(new ImageError('SIZE_INVALID', `blob ${this.digest}: more than the expected ${this.size} bytes`))
+    else cb()
+  }
+
+  override _final(cb: (err?: Error | null) => void): void {
+    if (this.size >= 0 && this.#bytes !== this.size) cb(new ImageError('SIZE_INVALID', `blob ${this.digest}: got ${this.#bytes} bytes, expected ${this.size}`))
+    else cb()
   }
 }
 

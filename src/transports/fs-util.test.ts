@@ -9,7 +9,7 @@ import { Readable } from 'node:stream'
 import { afterEach, describe, expect, it, vi } from 'vitest'
 import { type Digest, digestHex, digestOf, verifyDigest } from '../digest.js'
 import { FLUSH_BYTES } from '../io/blob-file.js'
-import { THREAD_HASH_MIN } from '../io/stream-hash.js'
+import { THREAD_HASH_MIN } from '../io/blob-file.js'
 import { tempLeftovers, testDir } from '../../test/helpers/conformance.js'
 import { copyBlob, writeBlob } from './fs-util.js'
 
