@@ -9,15 +9,17 @@
 // time, except `debug`, which reads DEBUG (bin/blobcache starts dist/cli.js instead when DEBUG or
 // DEBUG_* is set; the namespaces are read again here all the same).
 import { dirname, join } from 'node:path'
+import { Writable } from 'node:stream'
 import { startupSnapshot } from 'node:v8'
 import debug from 'debug'
 import { setRequireBase } from '../lazy-require.js'
-import { runProcess } from './main.js'
+import { createProgram, runProcess } from './main.js'
 
 if (!startupSnapshot.isBuildingSnapshot()) {
   process.stderr.write('blobcache: cli-snapshot.cjs builds a startup snapshot: run dist/cli.js, or bin/blobcache\n')
   process.exitCode = 2
 } else {
+  warmUp()
   startupSnapshot.setDeserializeMainFunction(() => {
     debug.enable(process.env.DEBUG ?? '')
     // packages (zstd-napi, cli-progress) are found from the dist/ the snapshot is started from
@@ -27,4 +29,21 @@ if (!startupSnapshot.isBuildingSnapshot()) {
     // argv is [node, ...ARGS]: bin/blobcache passes `--` so that Node takes none of them
     runProcess(process.argv.slice(1))
   })
+}
+
+/**
+ * Builds the command tree and has commander parse a help request into nothing, while the
+ * snapshot is built: the functions this runs are compiled then, so a command does not compile
+ * them again at start-up. Nothing of it stays reachable.
+ */
+function warmUp(): void {
+  const sink = new Writable({ write: (_chunk, _enc, cb) => cb() })
+  const ctx = { io: { stdout: sink, stderr: sink, isTTY: false, env: {} }, signal: new AbortController().signal, exitCode: 0 }
+  for (const argv of [['--help'], ['copy', '--help'], ['image-cache', '--help'], ['inspect', '--help'], ['cache', '--help']]) {
+    try {
+      createProgram(ctx).parse(argv, { from: 'user' })
+    } catch {
+      // commander ends a help request by throwing (exitOverride)
+    }
+  }
 }
