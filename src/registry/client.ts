@@ -222,26 +222,40 @@ export class RegistryClient {
 
   async #ping(signal: AbortSignal): Promise<URL> {
     const schemes = this.tlsVerify ? ['https'] : ['https', 'http']
-    let last: unknown
-    for (const scheme of schemes) {
+    const attempt = async (scheme: string) => {
       const url = new URL(`${scheme}://${this.host}/v2/`)
-      let res: IncomingMessage
-      try {
-        res = await exchange(url, { method: 'GET', headers: this.#headers(), signal }, this.tlsVerify)
-      } catch (err) {
-        log('ping %s failed: %s', url.href, (err as Error).message)
-        last = err
-        continue
-      }
-      const text = await readLimited(res, ERROR_BODY_LIMIT)
-      if (res.statusCode === 200 || res.statusCode === 401) {
-        if (res.statusCode === 401) this.#auth.setChallenge(res.headers['www-authenticate'])
-        log('%s is at %s (%s)', this.registry, url.origin, this.#auth.challenge?.scheme ?? 'no auth')
-        return new URL('/', url)
-      }
-      throw this.#error({ method: 'GET', path: url, repository: '', scopes: [], kind: 'ping', action: 'pinging the registry' }, res.statusCode ?? 0, res.headers, text)
+      const res = await exchange(url, { method: 'GET', headers: this.#headers(), signal }, this.tlsVerify)
+      return { url, res, text: await readLimited(res, ERROR_BODY_LIMIT) }
     }
-    throw new RegistryError({ status: 0, registry: this.registry, repository: '', action: `pinging the registry over ${schemes.join(' and ')}`, kind: 'ping', cause: last })
+    // Without TLS verification plain HTTP is asked at the same time (a ping carries no
+    // credentials), and its answer is used only when HTTPS gives none: HTTPS still wins.
+    const tls = attempt('https')
+    const plain = schemes.length > 1 ? attempt('http') : undefined
+    plain?.catch(() => {})
+    let answer: Awaited<typeof tls>
+    try {
+      answer = await tls
+    } catch (err) {
+      log('ping https://%s/v2/ failed: %s', this.host, (err as Error).message)
+      let last = err
+      try {
+        if (!plain) throw err
+        answer = await plain
+      } catch (err2) {
+        if (plain) {
+          log('ping http://%s/v2/ failed: %s', this.host, (err2 as Error).message)
+          last = err2
+        }
+        throw new RegistryError({ status: 0, registry: this.registry, repository: '', action: `pinging the registry over ${schemes.join(' and ')}`, kind: 'ping', cause: last })
+      }
+    }
+    const { url, res, text } = answer
+    if (res.statusCode === 200 || res.statusCode === 401) {
+      if (res.statusCode === 401) this.#auth.setChallenge(res.headers['www-authenticate'])
+      log('%s is at %s (%s)', this.registry, url.origin, this.#auth.challenge?.scheme ?? 'no auth')
+      return new URL('/', url)
+    }
+    throw this.#error({ method: 'GET', path: url, repository: '', scopes: [], kind: 'ping', action: 'pinging the registry' }, res.statusCode ?? 0, res.headers, text)
   }
 
   /**
