@@ -9,7 +9,7 @@
 import type { Worker } from 'node:worker_threads'
 import debug from 'debug'
 import type { Digest } from '../digest.js'
-import { requireLazily } from '../lazy-require.js'
+import { startScriptWorker } from '../io/script-worker.js'
 import { removeQuietly, tempPath } from './files.js'
 import type { CacheErrorHandler, Decompression, DerivedFile } from './variants.js'
 
@@ -87,14 +87,7 @@ class DecompressThread {
   #dead: Error | undefined
 
   constructor() {
-    const threads = requireLazily('node:worker_threads') as typeof import('node:worker_threads')
-    this.#worker = new threads.Worker(WORKER_SOURCE, {
-      eval: true, name: 'blobcache decompression', execArgv: [], env: threads.SHARE_ENV, stdout: true, stderr: true, trackUnmanagedFds: false,
-    })
-    this.#worker.unref()
-    this.#worker.on('message', (m: Answer) => this.#answer(m))
-    this.#worker.on('error', (err) => this.#die(err))
-    this.#worker.on('exit', (code) => this.#die(new Error(`the decompression thread exited with code ${code}`)))
+    this.#worker = startScriptWorker<Answer>(WORKER_SOURCE, 'blobcache decompression', (m) => this.#answer(m), (err) => this.#die(err))
   }
 
   get dead(): boolean {

@@ -6,7 +6,7 @@ import { join } from 'node:path'
 import { Readable } from 'node:stream'
 import { describe, expect, it } from 'vitest'
 import { digestOf } from '../digest.js'
-import { tempLeftovers, testDir } from '../../test/helpers/conformance.js'
+import { abortingStream, tempLeftovers, testDir } from '../../test/helpers/conformance.js'
 import { BlobFile, THREAD_HASH_MIN } from './blob-file.js'
 import { blobPath, writeBlob } from '../image-cache/blobs.js'
 import { ThreadHash, giveBackSlab, newSlab, sharedPiece } from './hash-thread.js'
@@ -115,14 +115,7 @@ describe('writeBlob of large blobs (hashing thread)', () => {
     const data = randomBytes(THREAD_HASH_MIN * 2)
     const controller = new AbortController()
     const reason = new Error('stop')
-    let sent = 0
-    const stream = new Readable({
-      read() {
-        if (sent === 40) controller.abort(reason)
-        if (sent * 65_536 >= data.length) return void this.push(null)
-        this.push(data.subarray(sent * 65_536, ++sent * 65_536))
-      },
-    })
+    const stream = abortingStream(data, controller, reason)
     await expect(writeBlob(dir, stream, { expected: digestOf(data), size: data.length, signal: controller.signal })).rejects.toBe(reason)
     expect(await tempLeftovers(dir)).toEqual([])
     expect(await readdir(join(dir, 'blobs', 'sha256'))).toEqual([])

@@ -5,7 +5,7 @@
 import type { Worker } from 'node:worker_threads'
 import debug from 'debug'
 import type { DigestAlgorithm } from '../digest.js'
-import { requireLazily } from '../lazy-require.js'
+import { startScriptWorker } from './script-worker.js'
 
 const log = debug('blobcache:io:hash-thread')
 
@@ -52,16 +52,7 @@ class HashThread {
   #dead: Error | undefined
 
   constructor() {
-    const threads = requireLazily('node:worker_threads') as typeof import('node:worker_threads')
-    // the script needs none of this process's flags (loaders, --inspect), environment or
-    // output streams (it prints nothing): without them the thread starts with less work
-    this.#worker = new threads.Worker(WORKER_SOURCE, {
-      eval: true, name: 'blobcache hashing', execArgv: [], env: threads.SHARE_ENV, stdout: true, stderr: true, trackUnmanagedFds: false,
-    })
-    this.#worker.unref()
-    this.#worker.on('message', (m: [number, (string | null)?, string?]) => this.#answer(m))
-    this.#worker.on('error', (err) => this.#die(err))
-    this.#worker.on('exit', (code) => this.#die(new Error(`the hashing thread exited with code ${code}`)))
+    this.#worker = startScriptWorker<[number, (string | null)?, string?]>(WORKER_SOURCE, 'blobcache hashing', (m) => this.#answer(m), (err) => this.#die(err))
   }
 
   get dead(): boolean {

@@ -10,7 +10,7 @@ import { afterEach, describe, expect, it, vi } from 'vitest'
 import { type Digest, digestHex, digestOf, verifyDigest } from '../digest.js'
 import { FLUSH_BYTES } from '../io/blob-file.js'
 import { THREAD_HASH_MIN } from '../io/blob-file.js'
-import { tempLeftovers, testDir } from '../../test/helpers/conformance.js'
+import { abortingStream, tempLeftovers, testDir } from '../../test/helpers/conformance.js'
 import { copyBlob, writeBlob } from './fs-util.js'
 
 vi.mock('node:fs', async (original) => {
@@ -84,14 +84,7 @@ describe('writeBlob', () => {
     const data = randomBytes(THREAD_HASH_MIN * 2)
     const controller = new AbortController()
     const reason = new Error('stop')
-    let sent = 0
-    const stream = new Readable({
-      read() {
-        if (sent === 40) controller.abort(reason)
-        if (sent * 65_536 >= data.length) return void this.push(null)
-        this.push(data.subarray(sent * 65_536, ++sent * 65_536))
-      },
-    })
+    const stream = abortingStream(data, controller, reason)
     await expect(writeBlob(stream, dir, target(dir), { expected: digestOf(data), signal: controller.signal })).rejects.toBe(reason)
     expect(stream.destroyed).toBe(true)
     expect(await readdir(dir)).toEqual([])

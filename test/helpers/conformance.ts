@@ -89,6 +89,21 @@ export function slowStream(): Readable {
   })
 }
 
+/**
+ * `data` in 64 KiB chunks, aborting `controller` with `reason` once 40 chunks (2.5 MiB) have been
+ * read: an abort in the middle of a write.
+ */
+export function abortingStream(data: Buffer, controller: AbortController, reason: Error): Readable {
+  let sent = 0
+  return new Readable({
+    read() {
+      if (sent === 40) controller.abort(reason)
+      if (sent * 65_536 >= data.length) return void this.push(null)
+      this.push(data.subarray(sent * 65_536, ++sent * 65_536))
+    },
+  })
+}
+
 async function withSource<T>(ref: ImageReference, fn: (src: ImageSource) => Promise<T>): Promise<T> {
   const src = await ref.newImageSource()
   try {
