@@ -8,7 +8,7 @@
 //   their meaning is hostile), copied with every compression and format option through a
 //   BlobCache: a typed error or a destination holding a whole, consistent image.
 import { createHash } from 'node:crypto'
-import { lstat, mkdir, mkdtemp, readFile, readdir, rm, symlink, writeFile } from 'node:fs/promises'
+import { copyFile, lstat, mkdir, mkdtemp, readFile, readdir, rename, rm, symlink, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import fc from 'fast-check'
@@ -148,6 +148,14 @@ async function tamper(dir: string, t: { kind: Tamper; pick: number; other: numbe
   }
 }
 
+/** Gives every file in `dir` an inode of its own (a copy renamed over it), breaking hard links. */
+async function unshare(dir: string): Promise<void> {
+  for (const name of await readdir(dir)) {
+    await copyFile(join(dir, name), join(dir, `.unshare-${name}`))
+    await rename(join(dir, `.unshare-${name}`), join(dir, name))
+  }
+}
+
 describe('a tampered blob cache', () => {
   it('copies through it: the right image or a typed error, each corrupt entry dropped, nothing written outside', async () => {
     const wantDiffIDs = image.layers.map((l) => l.diffID)
@@ -164,6 +172,9 @@ describe('a tampered blob cache', () => {
           await mkdir(cache, { recursive: true })
           // fill the cache (variants and notes included), then tamper with it
           await copyImage(new BlobCache(new OciLayoutReference(src, 'v1'), cache, fillMode), new BlobCache(new OciLayoutReference(join(work, 'first'), 'v1'), cache, fillMode))
+          // The copy hard-linked its blobs to the cache entries; tampering with an entry in place
+          // would damage that image as well. It stands for a source that is whole: its own files.
+          await unshare(join(work, 'first', 'blobs', 'sha256'))
           for (const t of tampers) await tamper(cache, t)
           bump('tampers', tampers.length)
           // copy through it, from the cached first copy (so the cache serves) and from the source
