@@ -31,6 +31,8 @@ interface Run {
   stderr: string
   /** The command the launcher executed (from `sh -x`). */
   exec: string
+  /** Every line `sh -x` traced. */
+  trace: string[]
 }
 
 function collect(child: ChildProcess): Promise<{ code: number | null; stdout: string; stderr: string }> {
@@ -46,12 +48,12 @@ function collect(child: ChildProcess): Promise<{ code: number | null; stdout: st
 
 /** Runs the launcher under `sh -x`, which shows the command it executes; env without DEBUG. */
 async function launch(launcher: string, args: string[], env: Record<string, string> = {}): Promise<Run> {
-  const { DEBUG: _d, NODE_OPTIONS: _n, BLOBCACHE_NO_SNAPSHOT: _b, ...inherited } = process.env
+  const { DEBUG: _d, NODE_OPTIONS: _n, BLOBCACHE_NO_SNAPSHOT: _b, UV_THREADPOOL_SIZE: _u, ...inherited } = process.env
   const r = await collect(spawn('sh', ['-x', launcher, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...inherited, ...env } }))
   const lines = r.stderr.split('\n')
   const exec = lines.find((l) => l.startsWith('+ exec ')) ?? ''
   const stderr = lines.filter((l) => !l.startsWith('+ ')).join('\n')
-  return { ...r, stderr, exec }
+  return { ...r, stderr, exec, trace: lines.filter((l) => l.startsWith('+ ')) }
 }
 
 /** Runs dist/cli.js directly. */
@@ -68,6 +70,9 @@ describe.skipIf(!built)('bin/blobcache and the startup snapshot', () => {
     expect(existsSync(path)).toBe(true)
     const r = await launch(LAUNCHER, ['--version'])
     expect(r.exec).toMatch(/ --snapshot-blob \S+\/dist\/cli\.blob -- --version$/)
+    // libuv's pool gets 8 threads unless the caller chose
+    expect(r.trace).toContain('+ export UV_THREADPOOL_SIZE=8')
+    expect((await launch(LAUNCHER, ['--version'], { UV_THREADPOOL_SIZE: '3' })).trace).toContain('+ export UV_THREADPOOL_SIZE=3')
     expect(r.code).toBe(0)
     const pkg = JSON.parse(await readFile(join(ROOT, 'package.json'), 'utf8'))
     expect(r.stdout.trim()).toBe(pkg.version)
