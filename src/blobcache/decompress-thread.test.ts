@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { readdir, readFile } from 'node:fs/promises'
+import { join } from 'node:path'
 import { gzipSync } from 'node:zlib'
 import { describe, expect, it } from 'vitest'
 import { testDir } from '../../test/helpers/conformance.js'
@@ -70,5 +71,38 @@ describe('decompression thread (gzip)', () => {
     const { file, errors } = await run(`${dir}/missing`, gzipSync(Buffer.from('x')), 10)
     expect(file).toBeUndefined()
     expect(errors).toHaveLength(1)
+  })
+})
+
+describe('the decompression thread and the process', () => {
+  it('a process that decompressed a layer on the thread exits by itself once done (the idle thread holds nothing)', async () => {
+    const { spawn } = await import('node:child_process')
+    const { resolve } = await import('node:path')
+    const dist = resolve(__dirname, '../../dist/index.js')
+    const dir = await testDir()
+    const script = `
+      import { mkdirSync } from 'node:fs'
+      import { Readable } from 'node:stream'
+      import { gzipSync } from 'node:zlib'
+      import { BlobCache, digestOf, dir } from ${JSON.stringify(dist)}
+      mkdirSync(${JSON.stringify(`${dir}/cache`)})
+      const cache = new BlobCache(dir.parseReference(${JSON.stringify(`${dir}/out`)}), ${JSON.stringify(`${dir}/cache`)})
+      const dest = await cache.newImageDestination()
+      const blob = gzipSync(Buffer.alloc(3 << 20, 'x'))
+      await dest.putBlob(Readable.from([blob]), { digest: digestOf(blob), size: blob.length })
+      await dest.close()
+      process.stdout.write(JSON.stringify(cache.stats))
+    `
+    const child = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] })
+    let out = ''
+    child.stdout.on('data', (d: Buffer) => (out += d))
+    const exited = new Promise<number | null>((res) => child.on('close', (code) => res(code)))
+    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000)
+    const code = await exited
+    clearTimeout(timer)
+    expect(code).toBe(0)
+    expect(JSON.parse(out)).toEqual({ hits: 0, misses: 0, errors: 0 })
+    // the layer was decompressed into its entry, with notes
+    expect((await readdir(join(dir, 'cache'))).filter((f) => f.endsWith('.decompressed') || f.endsWith('.compressed'))).toHaveLength(2)
   })
 })

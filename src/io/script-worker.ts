@@ -14,9 +14,10 @@ export function startScriptWorker<M>(source: string, name: string, onMessage: (m
   const worker = new threads.Worker(source, {
     eval: true, name, execArgv: [], env: threads.SHARE_ENV, stdout: true, stderr: true, trackUnmanagedFds: false,
   })
-  worker.unref()
   worker.on('message', onMessage)
   worker.on('error', onFailure)
   worker.on('exit', (code) => onFailure(new Error(`the ${name} thread exited with code ${code}`)))
+  // after the listeners: adding a 'message' listener refs the worker again
+  worker.unref()
   return worker
 }
