@@ -13,6 +13,7 @@ import { DigestMismatchError, ImageError, errnoCode } from '../errors.js'
 import { type Descriptor, type ParsedManifest, parseManifest } from '../manifest.js'
 import { isManifestMediaType } from '../media-types.js'
 import { BlobFile } from '../io/blob-file.js'
+import { drainInto } from '../io/blob-drain.js'
 
 const log = debug('blobcache:image-cache:blobs')
 
@@ -80,7 +81,7 @@ export async function writeBlob(dir: string, stream: Readable, opts: WriteBlobOp
   try {
     signal?.throwIfAborted()
     file = await BlobFile.create(tmp, { algorithm: opts.verified ? undefined : algorithm, size: opts.size, flush: durable })
-    const { bytes: size, hex } = await drain(stream, file, opts)
+    const { bytes: size, hex } = await drainInto(stream, file, { size: opts.size, what: `blob ${opts.expected ?? ''}`.trimEnd(), signal })
     const digest = hex ? (`${algorithm}:${hex}` as Digest) : opts.expected!
     checkDigest({ digest, bytes: size }, { expected: opts.expected, size: opts.size })
     if (durable) await file.sync()
@@ -96,54 +97,6 @@ export async function writeBlob(dir: string, stream: Readable, opts: WriteBlobOp
     await file?.close()
     await rm(tmp, { force: true })
   }
-}
-
-/**
- * Copies `stream` into `file` with back-pressure; resolves the byte count and the digest's hex
- * once every byte is written and hashed. More bytes than `opts.size` fail at once.
- */
-function drain(stream: Readable, file: BlobFile, opts: WriteBlobOptions): Promise<{ bytes: number; hex?: string }> {
-  return new Promise((resolve, reject) => {
-    let bytes = 0
-    let done = false
-    const fail = (err: unknown) => {
-      if (done) return
-      done = true
-      opts.signal?.removeEventListener('abort', onAbort)
-      stream.destroy()
-      reject(err)
-    }
-    const onAbort = () => fail(opts.signal!.reason)
-    opts.signal?.addEventListener('abort', onAbort, { once: true })
-    const resume = () => {
-      if (!done) stream.resume()
-    }
-    stream.on('data', (chunk: Buffer) => {
-      if (done) return
-      bytes += chunk.length
-      if (opts.size !== undefined && opts.size >= 0 && bytes > opts.size) {
-        fail(new ImageError('SIZE_INVALID', `blob ${opts.expected ?? ''}: more than the expected ${opts.size} bytes`))
-        return
-      }
-      if (file.failure) {
-        fail(file.failure)
-        return
-      }
-      if (!file.write(chunk, resume)) stream.pause()
-    })
-    stream.once('end', () => {
-      file.finish().then((written) => {
-        if (done) return
-        done = true
-        opts.signal?.removeEventListener('abort', onAbort)
-        resolve(written)
-      }, fail)
-    })
-    stream.once('error', fail)
-    stream.once('close', () => {
-      if (!stream.readableEnded) fail(new ImageError('BLOB_UNKNOWN', 'the blob stream closed before its end'))
-    })
-  })
 }
 
 /**

@@ -18,9 +18,9 @@ export interface DrainOptions {
  * Writes every chunk of `stream` to `file` and resolves what {@link BlobFile.finish} resolves
  * once the stream has ended and every byte is written (and hashed, when the file hashes). The
  * stream's chunks MUST NOT change once emitted. Rejects with the stream's error, the file's,
- * `SIZE_INVALID` as soon as more than `size` bytes arrive, `ERR_STREAM_PREMATURE_CLOSE` when the
- * stream closes before its end (as `pipeline` does), or `signal.reason`; the stream is destroyed
- * with that error then, and the caller closes the file.
+ * `SIZE_INVALID` as soon as more than `size` bytes arrive, `BLOB_UNKNOWN` when the stream closes
+ * before its end without an error, or `signal.reason`; the stream is destroyed with that error
+ * then, and the caller closes the file.
  */
 export function drainInto(stream: Readable, file: BlobFile, opts: DrainOptions = {}): Promise<{ bytes: number; hex?: string }> {
   const { signal } = opts
@@ -56,6 +56,9 @@ export function drainInto(stream: Readable, file: BlobFile, opts: DrainOptions =
     })
     // `finished` also reports a stream that failed or ended before it was handed over here
     finished(stream, { writable: false }, (err) => {
+      if ((err as NodeJS.ErrnoException | undefined)?.code === 'ERR_STREAM_PREMATURE_CLOSE') {
+        return fail(new ImageError('BLOB_UNKNOWN', `${what}: the stream closed before its end`, { cause: err }))
+      }
       if (err) return fail(err)
       file.finish().then((written) => {
         if (done) return

@@ -90,6 +90,20 @@ describe('writeBlob', () => {
     expect(await readdir(dir)).toEqual([])
   })
 
+  it('fails BLOB_UNKNOWN when the stream closes before its end without an error, leaving nothing', async () => {
+    const dir = await testDir()
+    const data = randomBytes(THREAD_HASH_MIN * 2)
+    let sent = 0
+    const stream = new Readable({
+      read() {
+        if (sent === 20) return void this.destroy() // no error: a premature close
+        this.push(data.subarray(sent * 65_536, ++sent * 65_536))
+      },
+    })
+    await expect(writeBlob(stream, dir, target(dir), { expected: digestOf(data), size: data.length })).rejects.toMatchObject({ code: 'BLOB_UNKNOWN' })
+    expect(await readdir(dir)).toEqual([])
+  })
+
   it('keeps a file of the same size already there, and removes its own copy', async () => {
     const dir = await testDir()
     const data = randomBytes(1000)
