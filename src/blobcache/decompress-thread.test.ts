@@ -5,8 +5,7 @@ import { gzipSync } from 'node:zlib'
 import { describe, expect, it } from 'vitest'
 import { testDir } from '../../test/helpers/conformance.js'
 import { digestOf } from '../digest.js'
-import { SLAB_BYTES } from '../io/hash-thread.js'
-import { threadDecompression } from './decompress-thread.js'
+import { PIECE_BYTES, threadDecompression } from './decompress-thread.js'
 
 const chunks = (data: Buffer, n: number) => Array.from({ length: Math.ceil(data.length / n) }, (_, i) => data.subarray(i * n, (i + 1) * n))
 
@@ -22,7 +21,7 @@ async function run(dir: string, input: Buffer, pieceBytes: number) {
 describe('decompression thread (gzip)', () => {
   it.each([
     ['small pieces', 1000],
-    ['pieces larger than a slab', SLAB_BYTES + 12345],
+    ['chunks larger than a piece', PIECE_BYTES + 12345],
   ])('writes the decompressed bytes and their sha256 to a temporary file (%s)', async (_name, pieceBytes) => {
     const dir = await testDir()
     // two members, as concatenated gzip files are; partly compressible, partly not

@@ -150,7 +150,7 @@ export function threadDecompression(dir: string, base: string, onError: CacheErr
 }
 
 /** Bytes of a piece: one 1 MiB read and one 64 KiB read more fit. */
-const PIECE_BYTES = (1 << 20) + (64 << 10)
+export const PIECE_BYTES = (1 << 20) + (64 << 10)
 /** Free pieces kept for reuse (17 MiB), while some decompression runs. */
 const PIECES_KEPT = 16
 const freePieces: ArrayBuffer[] = []

@@ -26,8 +26,8 @@ export interface CacheTeeOptions {
   digest: Digest
   /** The final file name (`<digest>` or `<digest>.config`). */
   name: string
-  /** The open temporary file and its path; without them only the derived entry is made. */
-  file?: { handle: FileHandle; path: string }
+  /** The open temporary file (created by the caller, `.tmp-` in `dir`) and its path. */
+  file: { handle: FileHandle; path: string }
   /** Decompress a compressed blob into its `sha256:<diffID>` entry. */
   decompress: boolean
   /** Receives cache failures; none of them fails the stream. */
@@ -80,7 +80,7 @@ export class CacheWriter {
 
   constructor(opts: CacheTeeOptions) {
     this.#opts = opts
-    if (opts.file) this.#file = { ...opts.file, bytes: 0, failed: false }
+    this.#file = { ...opts.file, bytes: 0, failed: false }
     this.#hash = opts.upstream ? undefined : createHash(digestAlgorithm(opts.digest))
   }
 
@@ -94,7 +94,7 @@ export class CacheWriter {
     return this.#computed
   }
 
-  /** The temporary file (until {@link settle}), if there is one. */
+  /** The temporary file, until {@link settle}. */
   get file(): Readonly<WrittenFile> | undefined {
     return this.#file
   }
