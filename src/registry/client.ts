@@ -8,6 +8,7 @@ import { type CredentialOptions, findCredentials } from './credentials.js'
 import { RegistryError, type RegistryErrorKind, parseErrorBody } from './errors.js'
 import { type RetryPolicy, parseRetryAfter, untilAborted, withRetry } from './retry.js'
 import { requireLazily } from '../lazy-require.js'
+import { unverifiedContext, verifyingContext } from './trust.js'
 
 const log = debug('blobcache:registry:client')
 
@@ -108,7 +109,12 @@ function agentFor(mod: HttpModule, protocol: string, tlsVerify: boolean): Agent 
   let agent = agents.get(key)
   if (!agent) {
     agent = protocol === 'https:'
-      ? new (mod as typeof import('node:https')).Agent({ keepAlive: true, rejectUnauthorized: tlsVerify })
+      ? new (mod as typeof import('node:https')).Agent({
+          keepAlive: true,
+          rejectUnauthorized: tlsVerify,
+          // the extra authorities bin/blobcache defers, or none at all without verifying (trust.ts)
+          secureContext: tlsVerify ? verifyingContext() : unverifiedContext(),
+        })
       : new mod.Agent({ keepAlive: true })
     agents.set(key, agent)
   }

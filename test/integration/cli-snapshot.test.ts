@@ -203,4 +203,38 @@ describe.skipIf(!built || !registryBin)('bin/blobcache from the snapshot against
       }
     }
   })
+
+  it('trusts NODE_EXTRA_CA_CERTS, read only when a server is verified, from the snapshot and from dist/cli.js', async () => {
+    const root = await testDir()
+    const sample = await writeRandomImage(parseImageName(`oci:${root}/src:latest`), { layers: 1, layerSize: 1 << 20 })
+    const remote = `docker://${tls.host}/trust/app:v1`
+    const push = await launch(LAUNCHER, ['copy', '-q', '--dest-tls-verify=false', `oci:${root}/src:latest`, remote])
+    expect(push.code, push.stderr).toBe(0)
+    // the launcher moves the variable: Node itself never sees it (no start-up cost)
+    const traced = await launch(LAUNCHER, ['--version'], { NODE_EXTRA_CA_CERTS: tls.certPath! })
+    expect(traced.trace).toContain('+ unset NODE_EXTRA_CA_CERTS')
+    expect(traced.trace).toContain(`+ export BLOBCACHE_EXTRA_CA_CERTS=${tls.certPath}`)
+    // a bundle like Debian's, the registry's certificate after a few hundred others
+    const system = '/etc/ssl/certs/ca-certificates.crt'
+    const bundle = join(root, 'bundle.crt')
+    writeFileSync(bundle, (existsSync(system) ? readFileSync(system, 'latin1') : '') + readFileSync(tls.certPath!, 'latin1'))
+    for (const env of [{}, { BLOBCACHE_NO_SNAPSHOT: '1' }] as Record<string, string>[]) {
+      const refused = await launch(LAUNCHER, ['inspect', remote], env)
+      expect(refused.code).toBe(1)
+      expect(refused.stderr).toMatch(/certificate/)
+      for (const file of [tls.certPath!, bundle]) {
+        const trusted = await launch(LAUNCHER, ['inspect', remote], { ...env, NODE_EXTRA_CA_CERTS: file })
+        expect(trusted.code, trusted.stderr).toBe(0)
+        expect(JSON.parse(trusted.stdout).Digest).toBe(sample.manifestDigest)
+      }
+      const missing = await launch(LAUNCHER, ['inspect', remote], { ...env, NODE_EXTRA_CA_CERTS: join(root, 'nope.crt') })
+      expect(missing.code).toBe(1)
+      expect(missing.stderr).toMatch(/Warning: Ignoring extra certs from `.*nope\.crt`, load failed: ENOENT/)
+      expect(missing.stderr).toMatch(/certificate/)
+      // a command that does not verify anything does not read the file
+      const loose = await launch(LAUNCHER, ['inspect', '--tls-verify=false', remote], { ...env, NODE_EXTRA_CA_CERTS: join(root, 'nope.crt') })
+      expect(loose.code, loose.stderr).toBe(0)
+      expect(loose.stderr).not.toMatch(/Ignoring extra certs/)
+    }
+  })
 })
