@@ -61,7 +61,8 @@ export function peekCompression(stream: Readable): Promise<{ algorithm: Detected
         reject(err)
         return
       }
-      const head = Buffer.concat(chunks)
+      // one chunk is passed on as it is: it may be in shared memory (see DigestStream)
+      const head = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks)
       const algorithm = detectCompression(head)
       if (ended) {
         resolve({ algorithm, stream: Readable.from(head.length > 0 ? [head] : [], { objectMode: false }) })
