@@ -141,12 +141,14 @@ export function exec(cmd, args, { watch } = {}) {
  * by the wall clock around `exec(cmd, args)` (default: {@link exec}); with `selfTimed`, a
  * `seconds=<n>` a command writes to stderr is taken instead. A numeric `cpu` in exec's result
  * (CPU seconds) is collected alongside. A command that exits non-zero is reported on stderr with
- * the last 5 lines of its stderr and not run again.
+ * the last 5 lines of its stderr and not run again. Unless `settle` is false (or BENCH_NO_SYNC is
+ * set), `sync` runs after `prepare()`, outside the timing, so that no run starts while the disk
+ * still holds the writes and deletions of the one before.
  *
  * Resolves `{ times, cpu, failed }`: per key, the seconds of the timed runs (null for a command
  * that failed) and the CPU seconds likewise; `failed` is true when any command failed.
  */
-export async function timeAlternating({ cmds, runs, prepare = async () => {}, warmup = true, exec: execute = exec, selfTimed = false }) {
+export async function timeAlternating({ cmds, runs, prepare = async () => {}, warmup = true, exec: execute = exec, selfTimed = false, settle = !process.env.BENCH_NO_SYNC }) {
   const keys = Object.keys(cmds)
   const times = Object.fromEntries(keys.map((k) => [k, []]))
   const cpu = Object.fromEntries(keys.map((k) => [k, []]))
@@ -155,6 +157,10 @@ export async function timeAlternating({ cmds, runs, prepare = async () => {}, wa
     for (const [key, [cmd, args]] of Object.entries(cmds)) {
       if (times[key] === null) continue
       await prepare()
+      // the previous command's writes and prepare()'s deletions go to disk now, outside the
+      // timing: otherwise the next command's first fsync waits for them (ext4 commits them
+      // with it), and each command pays for the one before it
+      if (settle) await exec('sync', [])
       const t0 = performance.now()
       const r = await execute(cmd, args)
       const wall = (performance.now() - t0) / 1000
