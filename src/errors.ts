@@ -28,6 +28,7 @@ export const ERROR_CODES = [
   'CACHE_INVALID',
   'ALREADY_EXISTS',
   'REGISTRY_ERROR',
+  'CERT_DIR_INVALID',
 ] as const
 
 /** One of {@link ERROR_CODES}. */

@@ -48,6 +48,13 @@ export interface RegistryOptions {
   credentials?: { username: string; password: string } | { identityToken: string }
   /** Path of an auth file (`--authfile`); default `REGISTRY_AUTH_FILE` and the usual places. */
   authFile?: string
+  /**
+   * Directory of this registry's TLS files (skopeo's `--cert-dir`): `*.crt` certificate
+   * authorities trusted besides the usual ones, `NAME.cert` and `NAME.key` a client certificate.
+   * Default: the first of `~/.config/containers/certs.d/HOST[:PORT]`,
+   * `/etc/containers/certs.d/HOST[:PORT]` and `/etc/docker/certs.d/HOST[:PORT]` that exists.
+   */
+  certDir?: string
 }
 
 /** A named way of storing images, such as `dir` or `oci`. */

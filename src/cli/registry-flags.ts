@@ -8,6 +8,7 @@ export interface RegistryFlags {
   tlsVerify?: boolean
   creds?: string
   authfile?: string
+  certDir?: string
 }
 
 function booleanArg(value: string | undefined): boolean {
@@ -22,14 +23,20 @@ function credsArg(value: string): string {
 }
 
 /**
- * Adds `--{prefix}tls-verify[=bool]`, `--{prefix}creds USER:PASS` and `--{prefix}authfile FILE`
- * to a command (prefix `src-`, `dest-`, `shared-` or nothing).
+ * Adds `--{prefix}tls-verify[=bool]`, `--{prefix}creds USER:PASS`, `--{prefix}authfile FILE` and
+ * `--{prefix}cert-dir DIR` to a command (prefix `src-`, `dest-`, `shared-` or nothing).
  */
 export function addRegistryFlags(cmd: Command, prefix: '' | 'src-' | 'dest-' | 'shared-', side: string): Command {
   return cmd
     .addOption(new Option(`--${prefix}tls-verify [bool]`, `verify TLS of the ${side} registry; false also allows plain HTTP (default true)`).argParser(booleanArg))
     .addOption(new Option(`--${prefix}creds <user:password>`, `credentials for the ${side} registry`).argParser(credsArg))
     .addOption(new Option(`--${prefix}authfile <file>`, `auth file for the ${side} registry (default: REGISTRY_AUTH_FILE, containers and docker config)`))
+    .addOption(
+      new Option(
+        `--${prefix}cert-dir <dir>`,
+        `TLS files of the ${side} registry: *.crt authorities, NAME.cert + NAME.key client certificate (default: certs.d/HOST[:PORT] under ~/.config/containers, /etc/containers, /etc/docker)`,
+      ),
+    )
 }
 
 /** The registry options of one side, from the flags commander parsed (camel-cased by prefix). */
@@ -45,5 +52,7 @@ export function registryOptions(flags: Record<string, unknown>, prefix: '' | 'sr
   }
   const file = flags[key('authfile')] ?? authfile
   if (typeof file === 'string') out.authFile = file
+  const certDir = flags[key('certDir')]
+  if (typeof certDir === 'string') out.certDir = certDir
   return Object.keys(out).length > 0 ? out : undefined
 }

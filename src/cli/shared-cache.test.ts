@@ -41,6 +41,7 @@ describe('copy --shared-cache flags', () => {
       [['--blob-cache', '/tmp/c', '--shared-cache', '127.0.0.1:5000/cache'], /must name a registry repository/],
       [['--blob-cache', '/tmp/c', '--shared-cache', 'docker://127.0.0.1:5000/cache:tag'], /--shared-cache: .*without a tag/],
       [['--shared-creds', 'a:b'], /need --shared-cache/],
+      [['--shared-cert-dir', '/etc/certs'], /need --shared-cache/],
       [['--shared-tls-verify=maybe', '--blob-cache', '/tmp/c', '--shared-cache', 'docker://h/r'], /true or false/],
     ]
     for (const [flags, message] of cases) {
@@ -58,7 +59,7 @@ describe('copy --shared-cache flags', () => {
   it('are listed in the help', async () => {
     const out = io()
     expect(await main(['copy', '--help'], out)).toBe(0)
-    for (const flag of ['--shared-cache <docker://host/repo>', '--shared-tls-verify', '--shared-creds', '--shared-authfile']) {
+    for (const flag of ['--shared-cache <docker://host/repo>', '--shared-tls-verify', '--shared-creds', '--shared-authfile', '--shared-cert-dir <dir>']) {
       expect(out.stdout.text).toContain(flag)
     }
   })

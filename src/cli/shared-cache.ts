@@ -13,11 +13,12 @@ export interface SharedCacheFlags {
   sharedTlsVerify?: boolean
   sharedCreds?: string
   sharedAuthfile?: string
+  sharedCertDir?: string
 }
 
 /**
  * Adds `--shared-cache docker://host/repo` and its registry flags (`--shared-tls-verify`,
- * `--shared-creds`, `--shared-authfile`) to a command.
+ * `--shared-creds`, `--shared-authfile`, `--shared-cert-dir`) to a command.
  */
 export function addSharedCacheFlags(cmd: Command): Command {
   cmd.option(
@@ -30,8 +31,9 @@ export function addSharedCacheFlags(cmd: Command): Command {
 /** Why the --shared-* flags cannot be used as given (a usage error), or undefined. */
 export function sharedFlagsProblem(flags: SharedCacheFlags & { blobCache?: string }): string | undefined {
   if (!flags.sharedCache) {
-    const stray = flags.sharedTlsVerify !== undefined || flags.sharedCreds !== undefined || flags.sharedAuthfile !== undefined
-    return stray ? '--shared-tls-verify, --shared-creds and --shared-authfile need --shared-cache' : undefined
+    const stray =
+      flags.sharedTlsVerify !== undefined || flags.sharedCreds !== undefined || flags.sharedAuthfile !== undefined || flags.sharedCertDir !== undefined
+    return stray ? '--shared-tls-verify, --shared-creds, --shared-authfile and --shared-cert-dir need --shared-cache' : undefined
   }
   if (!flags.blobCache) return '--shared-cache needs --blob-cache'
   if (!flags.sharedCache.startsWith('docker://')) {

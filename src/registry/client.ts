@@ -1,4 +1,5 @@
 import type { Agent, IncomingMessage } from 'node:http'
+import type { SecureContext } from 'node:tls'
 import type { Readable } from 'node:stream'
 import debug from 'debug'
 import type { RegistryOptions } from '../types.js'
@@ -8,7 +9,8 @@ import { type CredentialOptions, findCredentials } from './credentials.js'
 import { RegistryError, type RegistryErrorKind, parseErrorBody } from './errors.js'
 import { type RetryPolicy, parseRetryAfter, untilAborted, withRetry } from './retry.js'
 import { requireLazily } from '../lazy-require.js'
-import { unverifiedContext, verifyingContext } from './trust.js'
+import { findCertDir, readCertDir } from './certs.js'
+import { secureContextFor } from './trust.js'
 
 const log = debug('blobcache:registry:client')
 
@@ -20,6 +22,8 @@ export interface ClientOptions extends RegistryOptions {
   retry?: RetryPolicy
   /** How long one `/v2/` ping may take, in ms. Default 30 000. */
   pingTimeout?: number
+  /** System-wide places of per-host certificates directories. Default `/etc/containers/certs.d`, `/etc/docker/certs.d`. */
+  systemCertDirs?: string[]
 }
 
 /** A response body: a Node stream the caller MUST read to its end, {@link discard}, or destroy. */
@@ -103,18 +107,23 @@ function httpModule(protocol: string): Promise<HttpModule> {
   return mod
 }
 
-/** The process-wide keep-alive pool for a scheme and TLS setting; idle sockets do not hold the process. */
-function agentFor(mod: HttpModule, protocol: string, tlsVerify: boolean): Agent {
-  const key = protocol === 'https:' ? `https:${tlsVerify}` : protocol
+/**
+ * How a client speaks TLS: whether it verifies servers and the secure context it uses (see
+ * trust.ts). `key` names the keep-alive pool: clients with the same settings share one.
+ */
+interface TlsProfile {
+  verify: boolean
+  key: string
+  context: SecureContext | undefined
+}
+
+/** The process-wide keep-alive pool for a scheme and TLS profile; idle sockets do not hold the process. */
+function agentFor(mod: HttpModule, protocol: string, tls: TlsProfile): Agent {
+  const key = protocol === 'https:' ? `https:${tls.key}` : protocol
   let agent = agents.get(key)
   if (!agent) {
     agent = protocol === 'https:'
-      ? new (mod as typeof import('node:https')).Agent({
-          keepAlive: true,
-          rejectUnauthorized: tlsVerify,
-          // the extra authorities bin/blobcache defers, or none at all without verifying (trust.ts)
-          secureContext: tlsVerify ? verifyingContext() : unverifiedContext(),
-        })
+      ? new (mod as typeof import('node:https')).Agent({ keepAlive: true, rejectUnauthorized: tls.verify, secureContext: tls.context })
       : new mod.Agent({ keepAlive: true })
     agents.set(key, agent)
   }
@@ -133,9 +142,9 @@ interface ExchangeInit {
  * connection silent for {@link IDLE_TIMEOUT} fails with `ETIMEDOUT`; an abort destroys the
  * request (and its body stream) and rejects.
  */
-async function exchange(url: URL, init: ExchangeInit, tlsVerify: boolean): Promise<IncomingMessage> {
+async function exchange(url: URL, init: ExchangeInit, tls: TlsProfile): Promise<IncomingMessage> {
   const mod = await httpModule(url.protocol)
-  const agent = agentFor(mod, url.protocol, tlsVerify)
+  const agent = agentFor(mod, url.protocol, tls)
   const { body } = init
   const headers = { ...init.headers }
   if (Array.isArray(body)) headers['content-length'] = String(body.reduce((n, b) => n + b.length, 0))
@@ -184,6 +193,10 @@ export class RegistryClient {
   readonly #pingTimeout: number
   readonly #auth: Authenticator
   #base: Promise<URL> | undefined
+  readonly #certDir: string | undefined
+  readonly #env: NodeJS.ProcessEnv | undefined
+  readonly #systemCertDirs: string[] | undefined
+  #tlsProfile: Promise<TlsProfile> | undefined
 
   constructor(registry: string, opts: ClientOptions = {}) {
     this.registry = registry
@@ -191,13 +204,16 @@ export class RegistryClient {
     this.tlsVerify = opts.tlsVerify ?? true
     this.#retry = opts.retry ?? {}
     this.#pingTimeout = opts.pingTimeout ?? PING_TIMEOUT
+    this.#certDir = opts.certDir
+    this.#env = opts.env
+    this.#systemCertDirs = opts.systemCertDirs
     const lookup: CredentialOptions = { credentials: opts.credentials, authFile: opts.authFile, env: opts.env }
     this.#auth = new Authenticator({
       registry,
       credentials: () => findCredentials(registry, undefined, lookup),
       fetchToken: async (url, init) => {
         try {
-          const res = await exchange(url, { ...init, headers: this.#headers(init.headers) }, this.tlsVerify)
+          const res = await exchange(url, { ...init, headers: this.#headers(init.headers) }, await this.#tls())
           return { status: res.statusCode ?? 0, headers: res.headers, text: await readLimited(res, 1 << 20) }
         } catch (cause) {
           throw new RegistryError({ status: 0, registry, repository: '', action: `getting a token from ${url.origin}${url.pathname}`, kind: 'token', cause })
@@ -226,11 +242,28 @@ export class RegistryClient {
     return signal ? untilAborted(this.#base, signal) : this.#base
   }
 
+  /**
+   * The client's TLS profile, settled once: its certificates directory (`certDir`, else the
+   * per-host places of certs.ts) read and turned into a secure context. Fails
+   * `CERT_DIR_INVALID` (never retried) when that directory cannot be used.
+   */
+  #tls(): Promise<TlsProfile> {
+    this.#tlsProfile ??= (async () => {
+      const dir = await findCertDir(this.registry, { certDir: this.#certDir, env: this.#env, systemDirs: this.#systemCertDirs })
+      const certs = dir === undefined ? undefined : await readCertDir(dir)
+      const own = certs !== undefined && (certs.authorities.length > 0 || certs.client !== undefined)
+      const context = secureContextFor(this.tlsVerify, certs)
+      return { verify: this.tlsVerify, key: own ? `${this.tlsVerify}:${certs.dir}` : String(this.tlsVerify), context }
+    })()
+    return this.#tlsProfile
+  }
+
   async #ping(signal: AbortSignal): Promise<URL> {
     const schemes = this.tlsVerify ? ['https'] : ['https', 'http']
+    const profile = await this.#tls()
     const attempt = async (scheme: string) => {
       const url = new URL(`${scheme}://${this.host}/v2/`)
-      const res = await exchange(url, { method: 'GET', headers: this.#headers(), signal }, this.tlsVerify)
+      const res = await exchange(url, { method: 'GET', headers: this.#headers(), signal }, profile)
       return { url, res, text: await readLimited(res, ERROR_BODY_LIMIT) }
     }
     // Without TLS verification plain HTTP is asked at the same time (a ping carries no
@@ -291,7 +324,7 @@ export class RegistryClient {
       }
       let res: IncomingMessage
       try {
-        res = await exchange(url, { method, headers, body, signal: req.signal }, this.tlsVerify)
+        res = await exchange(url, { method, headers, body, signal: req.signal }, await this.#tls())
       } catch (err) {
         if (req.signal?.aborted) throw req.signal.reason
         throw new RegistryError({ status: 0, registry: this.registry, repository: req.repository, action: req.action, kind: req.kind, cause: err })

@@ -29,6 +29,8 @@ describe('RegistryError', () => {
     expect(isImageError(err, 'DENIED')).toBe(true)
     const reset = new RegistryError({ status: 0, registry: 'r', repository: 'a', action: 'fetching blob', cause: new Error('other side closed') })
     expect(reset.message).toBe('fetching blob from r/a: no response (other side closed)')
+    const alert = new RegistryError({ status: 0, registry: 'r', repository: '', action: 'pinging', cause: new Error('ssl3_read_bytes:sslv3 alert bad certificate:rec_layer_s3.c:1601:SSL alert number 42') })
+    expect(alert.message).toMatch(/SSL alert number 42; the registry refused the client certificate or wants one: NAME\.cert and NAME\.key .*\(--cert-dir\)\)$/)
   })
 
   it('reads no diagnostics from a body that is not a registry error', () => {

@@ -82,7 +82,11 @@ export class RegistryError extends ImageError {
     const where = init.repository ? `${init.registry}/${init.repository}` : init.registry
     const said = errors.map((e) => (e.message ? `${e.code}: ${e.message}` : e.code)).join('; ')
     const why = init.cause instanceof Error ? init.cause.message.split('\n')[0] : ''
-    const status = init.status ? `HTTP ${init.status}` : `no response${why ? ` (${why})` : ''}`
+    // TLS alerts 42 (bad certificate) and 116 (certificate required): the server wanted ours
+    const hint = /SSL alert number (42|116)\b/.test(why)
+      ? '; the registry refused the client certificate or wants one: NAME.cert and NAME.key in its certificates directory (--cert-dir)'
+      : ''
+    const status = init.status ? `HTTP ${init.status}` : `no response${why ? ` (${why}${hint})` : ''}`
     super(
       code ?? registryErrorCode(init.status, errors, init.kind),
       `${init.action} from ${where}: ${status}${said ? ` (${said})` : ''}`,

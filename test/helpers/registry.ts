@@ -4,7 +4,7 @@
 // on the same port and storage, and `docker-registry garbage-collect` run on that storage while
 // it is halted.
 import { type ChildProcess, execFile, spawn } from 'node:child_process'
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { type IncomingMessage, get } from 'node:http'
 import { get as httpsGet } from 'node:https'
 import { type AddressInfo, createServer } from 'node:net'
@@ -28,6 +28,11 @@ export interface TestRegistryOptions {
   token?: Omit<TokenServerOptions, 'dir' | 'users'>
   /** Serve HTTPS with a fresh self-signed certificate for 127.0.0.1 (`certPath`). Default false. */
   tls?: boolean
+  /**
+   * With `tls`: require a client certificate signed by a fresh CA of its own; `clientCert` and
+   * `clientKey` are one. Default false.
+   */
+  clientCerts?: boolean
 }
 
 /** A running registry. */
@@ -42,6 +47,9 @@ export interface TestRegistry {
   tokenServer?: TokenServer
   /** The self-signed certificate, with `tls`. */
   certPath?: string
+  /** A client certificate (PEM) and its key the registry accepts, with `clientCerts`. */
+  clientCert?: string
+  clientKey?: string
   /** The process id of the running registry (a new one after {@link TestRegistry.restart}). */
   readonly pid: number
   /** Its config file (what `serve` and `garbage-collect` read). */
@@ -82,13 +90,13 @@ export function freePort(): Promise<number> {
 }
 
 /** GET `url`, resolving its status (0 when the connection fails); https without verifying. */
-export function httpStatus(url: string): Promise<number> {
+export function httpStatus(url: string, client?: { cert: string; key: string }): Promise<number> {
   return new Promise((resolve) => {
     const onResponse = (res: IncomingMessage) => {
       res.resume()
       resolve(res.statusCode ?? 0)
     }
-    const req = url.startsWith('https:') ? httpsGet(url, { rejectUnauthorized: false }, onResponse) : get(url, onResponse)
+    const req = url.startsWith('https:') ? httpsGet(url, { rejectUnauthorized: false, ...client }, onResponse) : get(url, onResponse)
     req.on('error', () => resolve(0))
     req.setTimeout(2000, () => req.destroy())
   })
@@ -104,7 +112,7 @@ interface Served {
  * Spawns `docker-registry serve config` and waits up to 15 s for `url` to answer 200 or 401.
  * Rejects (after killing the process) when it does not; the error carries its stderr tail.
  */
-async function serve(config: string, url: string): Promise<Served> {
+async function serve(config: string, url: string, client?: { cert: string; key: string }): Promise<Served> {
   const proc = spawn('docker-registry', ['serve', config], { stdio: ['ignore', 'ignore', 'pipe'] })
   let stderr = ''
   proc.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)))
@@ -112,7 +120,7 @@ async function serve(config: string, url: string): Promise<Served> {
   const deadline = Date.now() + 15_000
   let status = 0
   while (Date.now() < deadline && proc.exitCode === null) {
-    status = await httpStatus(url)
+    status = await httpStatus(url, client)
     if (status === 200 || status === 401) return { proc, exited }
     await sleep(50)
   }
@@ -158,6 +166,7 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
     }
     let tls = ''
     let certPath: string | undefined
+    let client: { cert: string; key: string } | undefined
     if (opts.tls) {
       certPath = join(dir, 'tls.crt')
       await exec('openssl', [
@@ -165,6 +174,17 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
         '-out', certPath, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
       ])
       tls = `  tls:\n    certificate: ${certPath}\n    key: ${join(dir, 'tls.key')}\n`
+      if (opts.clientCerts) {
+        const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes']
+        await exec('openssl', ['req', '-x509', ...ec, '-keyout', join(dir, 'client-ca.key'), '-out', join(dir, 'client-ca.crt'), '-days', '2', '-subj', '/CN=blobcache test client CA'])
+        await exec('openssl', ['req', ...ec, '-keyout', join(dir, 'client.key'), '-out', join(dir, 'client.csr'), '-subj', '/CN=blobcache test client'])
+        await exec('openssl', [
+          'x509', '-req', '-in', join(dir, 'client.csr'), '-CA', join(dir, 'client-ca.crt'), '-CAkey', join(dir, 'client-ca.key'),
+          '-CAcreateserial', '-out', join(dir, 'client.cert'), '-days', '2',
+        ])
+        client = { cert: await readFile(join(dir, 'client.cert'), 'utf8'), key: await readFile(join(dir, 'client.key'), 'utf8') }
+        tls += `    clientcas:\n      - ${join(dir, 'client-ca.crt')}\n`
+      }
     }
     const configPath = join(dir, 'config.yml')
     for (let attempt = 0; ; attempt++) {
@@ -178,7 +198,7 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
       await writeFile(configPath, config)
       const url = `${opts.tls ? 'https' : 'http'}://127.0.0.1:${port}/v2/`
       try {
-        served = await serve(configPath, url)
+        served = await serve(configPath, url, client)
       } catch (err) {
         // the port may have been taken between freePort() and the registry's bind: try another
         const stderr = (err as { stderr?: string }).stderr ?? ''
@@ -193,6 +213,8 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
         users,
         tokenServer,
         certPath,
+        clientCert: client?.cert,
+        clientKey: client?.key,
         configPath,
         get pid() {
           return current?.proc.pid ?? 0
@@ -209,7 +231,7 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
           // the old socket may linger a moment after the process is gone: retry the bind briefly
           for (let tries = 0; ; tries++) {
             try {
-              current = await serve(configPath, url)
+              current = await serve(configPath, url, client)
               return
             } catch (err) {
               const stderr = (err as { stderr?: string }).stderr ?? ''

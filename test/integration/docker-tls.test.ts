@@ -1,12 +1,41 @@
 // TLS against the real registry serving HTTPS with a self-signed certificate: verified by
 // default (so the copy fails), accepted with tlsVerify false (over https, not plain http), and a
-// plain-HTTP registry is never spoken to in plain HTTP unless tlsVerify is false.
+// plain-HTTP registry is never spoken to in plain HTTP unless tlsVerify is false. Certificates
+// directories (containers-certs.d(5)): the registry's certificate trusted from `ca.crt`, through
+// certDir, --cert-dir and the per-host place under HOME, the same directory skopeo reads; and a
+// registry that requires client certificates, reached with `client.cert` and `client.key`.
+import { execFile } from 'node:child_process'
+import { mkdir, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { promisify } from 'node:util'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { RegistryClient } from '../../src/registry/client.js'
-import { checkImage } from '../helpers/conformance.js'
+import { cliBuilt, cliCommand } from '../helpers/built-cli.js'
+import { checkImage, testDir } from '../helpers/conformance.js'
 import { peer } from '../helpers/peers.js'
 import { writeRandomImage } from '../helpers/random-image.js'
 import { type TestRegistry, registryRef, startRegistry } from '../helpers/registry.js'
+
+const run = promisify(execFile)
+
+/** Runs a command; resolves its exit code and output (never rejects on a non-zero exit). */
+async function outcome(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await run(cmd, args, { env })
+    return { code: 0, stdout, stderr }
+  } catch (err) {
+    const e = err as { code?: number; stdout?: string; stderr?: string }
+    return { code: typeof e.code === 'number' ? e.code : -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' }
+  }
+}
+
+/** A certificates directory holding `files` (name to PEM text). */
+async function certDir(root: string, name: string, files: Record<string, string>): Promise<string> {
+  const dir = join(root, name)
+  await mkdir(dir, { recursive: true })
+  for (const [file, text] of Object.entries(files)) await writeFile(join(dir, file), text)
+  return dir
+}
 
 describe.skipIf(!peer('docker-registry'))('docker:// and TLS', () => {
   let registry: TestRegistry
@@ -38,6 +67,89 @@ describe.skipIf(!peer('docker-registry'))('docker:// and TLS', () => {
       expect((await new RegistryClient(plain.host, { tlsVerify: false }).base()).protocol).toBe('http:')
     } finally {
       await plain.stop()
+    }
+  })
+
+  it('trusts the registry certificate from a certificates directory: certDir, --cert-dir and ~/.config/containers/certs.d, as skopeo does', async () => {
+    const root = await testDir()
+    const { readFile } = await import('node:fs/promises')
+    const ca = await readFile(registry.certPath!, 'utf8')
+    const dir = await certDir(root, 'certs', { 'ca.crt': ca })
+    const ref = registryRef(registry.host, 'tls/certs:v1', { certDir: dir })
+    const image = await writeRandomImage(ref, { layers: 2, seed: 32 })
+    await checkImage(await ref.newImageSource(), image)
+    // a lone key is refused before anything is sent
+    const broken = await certDir(root, 'broken', { 'ca.crt': ca, 'client.key': 'KEY' })
+    await expect(registryRef(registry.host, 'tls/certs:v1', { certDir: broken }).newImageSource().then((s) => s.getManifest())).rejects.toMatchObject({
+      code: 'CERT_DIR_INVALID',
+    })
+    const remote = `docker://${registry.host}/tls/certs:v1`
+    if (peer('skopeo')) {
+      const theirs = await outcome('skopeo', ['inspect', '--cert-dir', dir, remote])
+      expect(theirs.code, theirs.stderr).toBe(0)
+      expect(JSON.parse(theirs.stdout).Digest).toBe(image.manifestDigest)
+    }
+    if (cliBuilt()) {
+      const [cmd, args] = cliCommand(['inspect', '--cert-dir', dir, remote])
+      const flag = await outcome(cmd, args)
+      expect(flag.code, flag.stderr).toBe(0)
+      expect(JSON.parse(flag.stdout).Digest).toBe(image.manifestDigest)
+      // the per-host place under HOME, found without a flag
+      const home = join(root, 'home')
+      await certDir(join(home, '.config', 'containers', 'certs.d'), registry.host, { 'ca.crt': ca })
+      const [cmd2, args2] = cliCommand(['inspect', remote])
+      const found = await outcome(cmd2, args2, { ...process.env, HOME: home })
+      expect(found.code, found.stderr).toBe(0)
+      expect(JSON.parse(found.stdout).Digest).toBe(image.manifestDigest)
+      const none = await outcome(cmd2, args2, { ...process.env, HOME: join(root, 'elsewhere') })
+      expect(none.code).toBe(1)
+      expect(none.stderr).toMatch(/certificate/)
+    }
+  })
+})
+
+describe.skipIf(!peer('docker-registry'))('docker:// and a registry that requires client certificates', () => {
+  let registry: TestRegistry
+
+  beforeAll(async () => {
+    registry = await startRegistry({ tls: true, clientCerts: true })
+  })
+  afterAll(async () => {
+    await registry?.stop()
+  })
+
+  it('shows NAME.cert/NAME.key from the certificates directory, verified or not; without them the registry refuses', async () => {
+    const root = await testDir()
+    const { readFile } = await import('node:fs/promises')
+    const ca = await readFile(registry.certPath!, 'utf8')
+    const full = await certDir(root, 'full', { 'ca.crt': ca, 'client.cert': registry.clientCert!, 'client.key': registry.clientKey! })
+    const ref = registryRef(registry.host, 'mtls/app:v1', { certDir: full })
+    const image = await writeRandomImage(ref, { layers: 2, seed: 33 })
+    await checkImage(await ref.newImageSource(), image)
+    // without verifying the server, the client certificate is still shown
+    const clientOnly = await certDir(root, 'client-only', { 'client.cert': registry.clientCert!, 'client.key': registry.clientKey! })
+    await checkImage(await registryRef(registry.host, 'mtls/app:v1', { certDir: clientOnly, tlsVerify: false }).newImageSource(), image)
+    // the server trusted but no client certificate: refused, a typed error naming the registry
+    const caOnly = await certDir(root, 'ca-only', { 'ca.crt': ca })
+    const client = new RegistryClient(registry.host, { certDir: caOnly, retry: { attempts: 1 } })
+    await expect(client.base()).rejects.toMatchObject({
+      code: 'REGISTRY_ERROR',
+      status: 0,
+      registry: registry.host,
+      message: expect.stringContaining('wants one: NAME.cert and NAME.key'),
+    })
+    if (peer('skopeo')) {
+      // skopeo reads the same directory the same way
+      const theirs = await outcome('skopeo', ['inspect', '--cert-dir', full, `docker://${registry.host}/mtls/app:v1`])
+      expect(theirs.code, theirs.stderr).toBe(0)
+      expect(JSON.parse(theirs.stdout).Digest).toBe(image.manifestDigest)
+    }
+    if (cliBuilt()) {
+      const out = join(root, 'pulled')
+      const [cmd, args] = cliCommand(['copy', '-q', '--src-cert-dir', full, `docker://${registry.host}/mtls/app:v1`, `oci:${out}:v1`])
+      const pulled = await outcome(cmd, args)
+      expect(pulled.code, pulled.stderr).toBe(0)
+      expect(JSON.parse(await readFile(join(out, 'index.json'), 'utf8')).manifests[0].digest).toBe(image.manifestDigest)
     }
   })
 })
