@@ -90,6 +90,8 @@ const DISCARD_LIMIT = 256 << 10
 type HttpModule = typeof import('node:http') | typeof import('node:https')
 const modules = new Map<string, Promise<HttpModule>>()
 const agents = new Map<string, Agent>()
+/** Secure contexts by {@link TlsProfile} key: one with a few hundred authorities takes tens of ms to build. */
+const contexts = new Map<string, SecureContext | undefined>()
 
 /**
  * Node's own HTTP stack (`node:http`, `node:https`), loaded on first use: native llhttp, no
@@ -252,8 +254,10 @@ export class RegistryClient {
       const dir = await findCertDir(this.registry, { certDir: this.#certDir, env: this.#env, systemDirs: this.#systemCertDirs })
       const certs = dir === undefined ? undefined : await readCertDir(dir)
       const own = certs !== undefined && (certs.authorities.length > 0 || certs.client !== undefined)
-      const context = secureContextFor(this.tlsVerify, certs)
-      return { verify: this.tlsVerify, key: own ? `${this.tlsVerify}:${certs.dir}` : String(this.tlsVerify), context }
+      const key = own ? `${this.tlsVerify}:${certs.dir}` : String(this.tlsVerify)
+      // one context per setting and directory in the process, like the pool it goes with
+      if (!contexts.has(key)) contexts.set(key, secureContextFor(this.tlsVerify, certs))
+      return { verify: this.tlsVerify, key, context: contexts.get(key) }
     })()
     return this.#tlsProfile
   }
