@@ -10,7 +10,8 @@ import { RegistryError, type RegistryErrorKind, parseErrorBody } from './errors.
 import { type RetryPolicy, parseRetryAfter, untilAborted, withRetry } from './retry.js'
 import { requireLazily } from '../lazy-require.js'
 import { findCertDir, readCertDir } from './certs.js'
-import { secureContextFor } from './trust.js'
+import { type ProxyConfig, proxyAuthorization, proxyConfig, proxyFor } from './proxy.js'
+import { secureContextFor, verifyingContext } from './trust.js'
 
 const log = debug('blobcache:registry:client')
 
@@ -111,12 +112,14 @@ function httpModule(protocol: string): Promise<HttpModule> {
 
 /**
  * How a client speaks TLS: whether it verifies servers and the secure context it uses (see
- * trust.ts). `key` names the keep-alive pool: clients with the same settings share one.
+ * trust.ts), and the proxies of its environment (proxy.ts). `key` names the keep-alive pool:
+ * clients with the same settings share one.
  */
 interface TlsProfile {
   verify: boolean
   key: string
   context: SecureContext | undefined
+  proxies: ProxyConfig
 }
 
 /** The process-wide keep-alive pool for a scheme and TLS profile; idle sockets do not hold the process. */
@@ -127,6 +130,74 @@ function agentFor(mod: HttpModule, protocol: string, tls: TlsProfile): Agent {
     agent = protocol === 'https:'
       ? new (mod as typeof import('node:https')).Agent({ keepAlive: true, rejectUnauthorized: tls.verify, secureContext: tls.context })
       : new mod.Agent({ keepAlive: true })
+    agents.set(key, agent)
+  }
+  return agent
+}
+
+/**
+ * The pool of https connections tunnelled through `proxy` with CONNECT: TLS runs end to end
+ * between us and the registry, over the tunnel, with the client's own trust and certificate.
+ */
+function tunnelAgentFor(proxy: URL, tls: TlsProfile): Agent {
+  const key = `tunnel:${proxy.href}|${tls.key}`
+  let agent = agents.get(key)
+  if (!agent) {
+    const https = requireLazily('node:https') as typeof import('node:https')
+    const tlsModule = requireLazily('node:tls') as typeof import('node:tls')
+    const viaTls = proxy.protocol === 'https:'
+    const toProxy = (viaTls ? https : (requireLazily('node:http') as typeof import('node:http'))) as typeof import('node:http')
+    const authorization = proxyAuthorization(proxy)
+    class TunnelAgent extends https.Agent {
+      override createConnection(options: import('node:http').ClientRequestArgs, callback?: (err: Error | null, stream: import('node:stream').Duplex) => void): undefined {
+        const done = callback ?? (() => {})
+        const target = `${String(options.host)}:${String(options.port)}`
+        const headers: Record<string, string> = { host: target }
+        if (authorization) headers['proxy-authorization'] = authorization
+        const connect = toProxy.request({
+          host: proxy.hostname.replace(/^\[(.*)\]$/, '$1'),
+          port: proxy.port || (viaTls ? 443 : 80),
+          method: 'CONNECT',
+          path: target,
+          headers,
+          agent: false,
+          ...(viaTls ? { secureContext: verifyingContext() } : {}),
+        })
+        connect.once('connect', (res, socket, head) => {
+          if (res.statusCode !== 200) {
+            socket.destroy()
+            done(Object.assign(new Error(`proxy ${proxy.host} answered HTTP ${res.statusCode} to CONNECT ${target}`), { code: 'EPROXY' }), socket)
+            return
+          }
+          if (head.length > 0) socket.unshift(head)
+          done(null, tlsModule.connect({ ...options, socket } as import('node:tls').ConnectionOptions))
+        })
+        connect.once('error', (err) => done(err, undefined as unknown as import('node:stream').Duplex))
+        // a tunnel not set up in time fails (not a socket timeout: the socket lives on in the pool)
+        const timer = setTimeout(() => {
+          connect.destroy(Object.assign(new Error(`proxy ${proxy.host} sent nothing for ${IDLE_TIMEOUT / 1000} s`), { code: 'ETIMEDOUT' }))
+        }, IDLE_TIMEOUT)
+        timer.unref()
+        connect.once('close', () => clearTimeout(timer))
+        connect.once('connect', () => clearTimeout(timer))
+        connect.end()
+        return undefined
+      }
+    }
+    agent = new TunnelAgent({ keepAlive: true, rejectUnauthorized: tls.verify, secureContext: tls.context })
+    agents.set(key, agent)
+  }
+  return agent
+}
+
+/** The pool of plain-HTTP requests sent to `proxy` in absolute form. */
+function proxyAgentFor(proxy: URL): Agent {
+  const key = `proxy:${proxy.href}`
+  let agent = agents.get(key)
+  if (!agent) {
+    agent = proxy.protocol === 'https:'
+      ? new (requireLazily('node:https') as typeof import('node:https')).Agent({ keepAlive: true, secureContext: verifyingContext() })
+      : new (requireLazily('node:http') as typeof import('node:http')).Agent({ keepAlive: true })
     agents.set(key, agent)
   }
   return agent
@@ -145,14 +216,28 @@ interface ExchangeInit {
  * request (and its body stream) and rejects.
  */
 async function exchange(url: URL, init: ExchangeInit, tls: TlsProfile): Promise<IncomingMessage> {
-  const mod = await httpModule(url.protocol)
-  const agent = agentFor(mod, url.protocol, tls)
+  const proxy = proxyFor(url, tls.proxies)
   const { body } = init
   const headers = { ...init.headers }
   if (Array.isArray(body)) headers['content-length'] = String(body.reduce((n, b) => n + b.length, 0))
   else if (body !== undefined && typeof body === 'object' && !Buffer.isBuffer(body)) headers['content-length'] = String(body.length)
+  let send: (options: import('node:http').RequestOptions) => import('node:http').ClientRequest
+  if (proxy && url.protocol === 'http:') {
+    // plain HTTP through the proxy: the whole URL as the request target
+    const mod = await httpModule(proxy.protocol)
+    const authorization = proxyAuthorization(proxy)
+    headers.host = url.host
+    if (authorization) headers['proxy-authorization'] = authorization
+    const agent = proxyAgentFor(proxy)
+    const target = { host: proxy.hostname.replace(/^\[(.*)\]$/, '$1'), port: proxy.port || (proxy.protocol === 'https:' ? 443 : 80), path: url.href }
+    send = (options) => mod.request({ ...options, ...target, agent })
+  } else {
+    const mod = await httpModule(url.protocol)
+    const agent = proxy ? tunnelAgentFor(proxy, tls) : agentFor(mod, url.protocol, tls)
+    send = (options) => mod.request(url, { ...options, agent })
+  }
   return new Promise<IncomingMessage>((resolve, reject) => {
-    const req = mod.request(url, { method: init.method, headers, agent, signal: init.signal, timeout: IDLE_TIMEOUT })
+    const req = send({ method: init.method, headers, signal: init.signal, timeout: IDLE_TIMEOUT })
     req.on('response', resolve)
     req.on('error', reject)
     req.on('timeout', () => {
@@ -257,7 +342,7 @@ export class RegistryClient {
       const key = own ? `${this.tlsVerify}:${certs.dir}` : String(this.tlsVerify)
       // one context per setting and directory in the process, like the pool it goes with
       if (!contexts.has(key)) contexts.set(key, secureContextFor(this.tlsVerify, certs))
-      return { verify: this.tlsVerify, key, context: contexts.get(key) }
+      return { verify: this.tlsVerify, key, context: contexts.get(key), proxies: proxyConfig(this.#env ?? process.env) }
     })()
     return this.#tlsProfile
   }

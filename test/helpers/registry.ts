@@ -171,7 +171,7 @@ export async function startRegistry(opts: TestRegistryOptions = {}): Promise<Tes
       certPath = join(dir, 'tls.crt')
       await exec('openssl', [
         'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', join(dir, 'tls.key'),
-        '-out', certPath, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1',
+        '-out', certPath, '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:registry.test',
       ])
       tls = `  tls:\n    certificate: ${certPath}\n    key: ${join(dir, 'tls.key')}\n`
       if (opts.clientCerts) {
