@@ -1,6 +1,6 @@
 // The CLI against the real registry: docker:// names, skopeo's registry flags (creds, authfile,
 // tls-verify) on copy and inspect, and a push/pull round trip that keeps the manifest digest.
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest'
@@ -79,5 +79,27 @@ describe.skipIf(!registryBin)('blobcache CLI with docker://', () => {
   it('rejects malformed registry flags as usage errors', async () => {
     expect((await cli(['copy', '--src-tls-verify=maybe', 'oci:/a', 'oci:/b'])).code).toBe(2)
     expect((await cli(['copy', '--dest-creds', 'nocolon', 'oci:/a', 'oci:/b'])).code).toBe(2)
+    expect((await cli(['copy', '--retry-times', 'two', 'oci:/a', 'oci:/b'])).code).toBe(2)
+    expect((await cli(['copy', '--retry-delay', 'soon', 'oci:/a', 'oci:/b'])).code).toBe(2)
+  })
+
+  it('--digestfile holds the manifest digest alone, as skopeo writes it', async () => {
+    const dir = await tempDir()
+    const sample = await writeSampleImage(parseImageName(`oci:${dir}/src:latest`))
+    const file = join(dir, 'digest')
+    const push = await cli(['copy', '-q', '--digestfile', file, '--dest-tls-verify=false', '--dest-creds', 'alice:wonderland', `oci:${dir}/src:latest`, `docker://${registry.host}/cli/digestfile:v1`])
+    expect(push.code, push.stderr).toBe(0)
+    expect(await readFile(file, 'utf8')).toBe(sample.digest)
+    // a failed copy leaves the file alone
+    const failed = await cli(['copy', '-q', '--digestfile', file, `oci:${dir}/missing:latest`, `oci:${dir}/out:latest`])
+    expect(failed.code).toBe(1)
+    expect(await readFile(file, 'utf8')).toBe(sample.digest)
+  })
+
+  it('--retry-times: a failure that cannot pass is not retried', async () => {
+    const dir = await tempDir()
+    const missing = await cli(['copy', '-q', '--retry-times', '3', '--retry-delay', '10ms', `oci:${dir}/missing:latest`, `oci:${dir}/out:latest`])
+    expect(missing.code).toBe(1)
+    expect(missing.stderr).not.toMatch(/attempt 2/)
   })
 })

@@ -1,11 +1,14 @@
 import { mkdir } from 'node:fs/promises'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { type Command, Option } from 'commander'
 import { BlobCache, type SharedStats, type SharedTier } from '../../blobcache/index.js'
 import { type CopyOptions, copyImage } from '../../copy.js'
 import type { Platform } from '../../manifest.js'
 import { parseImageName } from '../../transports/index.js'
 import type { CompressionAlgorithm, ImageReference, LayerCompression, SystemContext } from '../../types.js'
-import { type RunContext, attempt, platformArg, parseCount, printJSON } from '../io.js'
+import { isTransient } from '../../registry/retry.js'
+import { writeFileAtomic } from '../../transports/fs-util.js'
+import { type RunContext, attempt, describeError, parseCount, parseDuration, platformArg, printJSON } from '../io.js'
 import { createProgress } from '../progress.js'
 import { addRegistryFlags, registryOptions } from '../registry-flags.js'
 import { type SharedCacheFlags, SharedReporter, addSharedCacheFlags, openSharedTier, sharedFlagsProblem } from '../shared-cache.js'
@@ -27,6 +30,9 @@ interface CopyFlags extends SharedCacheFlags {
   cacheCompression?: LayerCompression
   cacheCompressFormat?: CompressionAlgorithm
   authfile?: string
+  digestfile?: string
+  retryTimes?: number
+  retryDelay?: number
 }
 
 /** What `copy --json` prints. */
@@ -62,6 +68,11 @@ export function addCopyCommand(program: Command, ctx: RunContext): void {
     .addOption(new Option('--cache-compression <mode>', 'what the cache substitutes for layers it holds (default: preserve)').choices(['preserve', 'compress', 'decompress']))
     .addOption(new Option('--cache-compress-format <alg>', 'algorithm of compressed variants the cache offers (default: gzip)').choices(['gzip', 'zstd']))
     .option('--authfile <file>', 'auth file for every registry (source, destination, shared cache)')
+    .option('--digestfile <file>', 'write the digest of the copied manifest to this file')
+    .addOption(new Option('--retry-times <n>', 'copy again up to n times after a failure that may pass (network, 5xx, 429)').argParser(parseCount))
+    .addOption(
+      new Option('--retry-delay <duration>', 'wait this long before each new attempt (default: 1s, doubled each time)').argParser(parseDuration),
+    )
   addRegistryFlags(cmd, 'src-', 'source')
   addRegistryFlags(cmd, 'dest-', 'destination')
   addSharedCacheFlags(cmd)
@@ -76,8 +87,32 @@ export function addCopyCommand(program: Command, ctx: RunContext): void {
       const tier = openSharedTier(flags, reporter)
       if (typeof tier === 'string') usage(tier)
       const shared = typeof tier === 'string' ? undefined : tier
-      await attempt(ctx, `copying ${srcName} to ${destName}`, () => runCopy(ctx, srcName, destName, flags, shared && { tier: shared, reporter }))
+      await attempt(ctx, `copying ${srcName} to ${destName}`, () =>
+        withCopyRetries(ctx, flags, () => runCopy(ctx, srcName, destName, flags, shared && { tier: shared, reporter })),
+      )
     })
+}
+
+/**
+ * Runs `copy` once, and again up to `--retry-times` times after a failure that may pass (what
+ * the registry client itself retries: connection errors, timeouts, 5xx, 429), as skopeo does,
+ * waiting `--retry-delay` between attempts (default 1 s, doubled each time). Destinations
+ * show nothing of a failed attempt, so a new one starts clean; an abort (Ctrl-C) is never retried.
+ */
+export async function withCopyRetries(ctx: RunContext, flags: Pick<CopyFlags, 'retryTimes' | 'retryDelay'>, copy: () => Promise<void>): Promise<void> {
+  const times = flags.retryTimes ?? 0
+  for (let failures = 0; ; failures++) {
+    try {
+      return await copy()
+    } catch (err) {
+      if (failures >= times || ctx.signal.aborted || !isTransient(err)) throw err
+      const wait = flags.retryDelay ?? 1000 * 2 ** failures
+      ctx.io.stderr.write(`blobcache: warning: copy failed (${describeError(err)}); attempt ${failures + 2} of ${times + 1} in ${wait / 1000} s\n`)
+      await sleep(wait, undefined, { signal: ctx.signal }).catch(() => {
+        throw err
+      })
+    }
+  }
 }
 
 async function runCopy(
@@ -152,6 +187,8 @@ async function runCopy(
     summary.cache = cache
   }
   if (shared && sharedStats) summary.shared = sharedStats
+  // as skopeo writes it: the digest alone, no newline (atomically here: never half a digest)
+  if (flags.digestfile) await writeFileAtomic(flags.digestfile, result.digest)
   if (flags.json) printJSON(io, summary)
   else if (!flags.quiet && summary.cache) {
     const { hits, misses, errors } = summary.cache
