@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
 import { RegistryError } from './errors.js'
-import { isTransient, parseRetryAfter, retryDelay, untilAborted, withRetry } from './retry.js'
+import { isTransient, parseRetryAfter, retriesExhausted, retryDelay, untilAborted, withRetry } from './retry.js'
 
 const status = (s: number, retryAfter?: number) => new RegistryError({ status: s, registry: 'r', repository: 'a', action: 'x', retryAfter })
 
@@ -76,5 +76,31 @@ describe('retry', () => {
     settle('done')
     await expect(untilAborted(shared, new AbortController().signal)).resolves.toBe('done')
     await expect(untilAborted(shared, AbortSignal.abort(reason))).rejects.toBe(reason)
+  })
+
+  it('does not retry again, in an enclosing loop, an error an inner loop gave up on (attempts do not multiply)', async () => {
+    let calls = 0
+    const refused = () => Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' })
+    const inner = () => withRetry(async () => {
+      calls++
+      throw refused()
+    }, { attempts: 3, baseDelay: 1 })
+    const err = await withRetry(inner, { attempts: 4, baseDelay: 1 }).catch((e: unknown) => e)
+    expect(calls).toBe(3)
+    expect(retriesExhausted(err)).toBe(true)
+    // still transient: a caller that retries whole operations on purpose may try again
+    expect(isTransient(err)).toBe(true)
+    // an error the inner loop did not give up on (the first attempt's, say) is retried outside
+    let first = true
+    calls = 0
+    await withRetry(async () => {
+      calls++
+      if (first) {
+        first = false
+        throw refused()
+      }
+      return 'ok'
+    }, { attempts: 2, baseDelay: 1 })
+    expect(calls).toBe(2)
   })
 })

@@ -55,12 +55,25 @@ export function parseRetryAfter(value: string | string[] | undefined, now = Date
   return Number.isNaN(when) ? undefined : Math.max(0, Math.ceil((when - now) / 1000))
 }
 
+/**
+ * Errors a {@link withRetry} loop gave up on after all its attempts. An enclosing loop does not
+ * retry them again by default: nested loops would multiply their attempts (a registry that
+ * refused connections took 18 s to fail, 5 pings within each of 5 requests). A caller that
+ * retries whole operations on purpose (`copy --retry-times`) asks {@link isTransient} itself.
+ */
+const exhausted = new WeakSet<object>()
+
+/** True when `err` already went through all the attempts of a {@link withRetry} loop. */
+export function retriesExhausted(err: unknown): boolean {
+  return typeof err === 'object' && err !== null && exhausted.has(err)
+}
+
 /** Options of {@link withRetry}. */
 export interface RetryOptions extends RetryPolicy {
   signal?: AbortSignal
   /** What is being done, for the debug log. */
   what?: string
-  /** Decides whether an error is retried. Default {@link isTransient}. */
+  /** Decides whether an error is retried. Default {@link isTransient}, unless {@link retriesExhausted}. */
   retryable?: (err: unknown) => boolean
 }
 
@@ -71,14 +84,18 @@ export interface RetryOptions extends RetryPolicy {
  */
 export async function withRetry<T>(op: (attempt: number) => Promise<T>, opts: RetryOptions = {}): Promise<T> {
   const attempts = Math.max(1, opts.attempts ?? 5)
-  const retryable = opts.retryable ?? isTransient
+  const retryable = opts.retryable ?? ((err: unknown) => isTransient(err) && !retriesExhausted(err))
   for (let attempt = 1; ; attempt++) {
     opts.signal?.throwIfAborted()
     try {
       return await op(attempt)
     } catch (err) {
       if (opts.signal?.aborted) throw opts.signal.reason
-      if (attempt >= attempts || !retryable(err)) throw err
+      if (!retryable(err)) throw err
+      if (attempt >= attempts) {
+        if (typeof err === 'object' && err !== null) exhausted.add(err)
+        throw err
+      }
       const wait = retryDelay(attempt, err, opts)
       log('%s failed (%s), retry %d/%d in %d ms', opts.what ?? 'request', (err as Error).message, attempt, attempts - 1, wait)
       await sleep(wait, undefined, { signal: opts.signal }).catch(() => {
