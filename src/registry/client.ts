@@ -11,7 +11,7 @@ import { type RetryPolicy, parseRetryAfter, untilAborted, withRetry } from './re
 import { requireLazily } from '../lazy-require.js'
 import { findCertDir, readCertDir } from './certs.js'
 import { type ProxyConfig, proxyAuthorization, proxyConfig, proxyFor } from './proxy.js'
-import { secureContextFor, verifyingContext } from './trust.js'
+import { secureContextFor } from './trust.js'
 
 const log = debug('blobcache:registry:client')
 
@@ -161,7 +161,8 @@ function tunnelAgentFor(proxy: URL, tls: TlsProfile): Agent {
           path: target,
           headers,
           agent: false,
-          ...(viaTls ? { secureContext: verifyingContext() } : {}),
+          // an https proxy is checked with the client's own TLS settings, as Go's transport does
+          ...(viaTls ? { secureContext: tls.context, rejectUnauthorized: tls.verify } : {}),
         })
         connect.once('connect', (res, socket, head) => {
           if (res.statusCode !== 200) {
@@ -190,13 +191,13 @@ function tunnelAgentFor(proxy: URL, tls: TlsProfile): Agent {
   return agent
 }
 
-/** The pool of plain-HTTP requests sent to `proxy` in absolute form. */
-function proxyAgentFor(proxy: URL): Agent {
-  const key = `proxy:${proxy.href}`
+/** The pool of plain-HTTP requests sent to `proxy` in absolute form (an https proxy checked with the client's TLS settings). */
+function proxyAgentFor(proxy: URL, tls: TlsProfile): Agent {
+  const key = `proxy:${proxy.href}|${tls.key}`
   let agent = agents.get(key)
   if (!agent) {
     agent = proxy.protocol === 'https:'
-      ? new (requireLazily('node:https') as typeof import('node:https')).Agent({ keepAlive: true, secureContext: verifyingContext() })
+      ? new (requireLazily('node:https') as typeof import('node:https')).Agent({ keepAlive: true, secureContext: tls.context, rejectUnauthorized: tls.verify })
       : new (requireLazily('node:http') as typeof import('node:http')).Agent({ keepAlive: true })
     agents.set(key, agent)
   }
@@ -228,7 +229,7 @@ async function exchange(url: URL, init: ExchangeInit, tls: TlsProfile): Promise<
     const authorization = proxyAuthorization(proxy)
     headers.host = url.host
     if (authorization) headers['proxy-authorization'] = authorization
-    const agent = proxyAgentFor(proxy)
+    const agent = proxyAgentFor(proxy, tls)
     const target = { host: proxy.hostname.replace(/^\[(.*)\]$/, '$1'), port: proxy.port || (proxy.protocol === 'https:' ? 443 : 80), path: url.href }
     send = (options) => mod.request({ ...options, ...target, agent })
   } else {

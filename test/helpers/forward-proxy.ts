@@ -5,6 +5,7 @@
 // shows that the bytes went through the proxy. Every request is logged; with `credentials` a
 // request without the right Proxy-Authorization gets 407.
 import { type IncomingMessage, type Server, type ServerResponse, createServer, request } from 'node:http'
+import { createServer as createTlsServer } from 'node:https'
 import { type AddressInfo, type Socket, connect } from 'node:net'
 
 export interface ForwardProxyOptions {
@@ -12,10 +13,12 @@ export interface ForwardProxyOptions {
   hosts: Record<string, string>
   /** `user:password` a request must carry (Basic), or none. */
   credentials?: string
+  /** Serve the proxy itself over TLS (an `https://` proxy) with this certificate and key (PEM). */
+  tls?: { cert: string; key: string }
 }
 
 export interface ForwardProxy {
-  /** `http://127.0.0.1:<port>` */
+  /** `http://127.0.0.1:<port>` (`https://` with `tls`) */
   url: string
   /** `CONNECT host:port` and `METHOD absolute-url` lines, in order. */
   log: string[]
@@ -29,7 +32,7 @@ export async function startForwardProxy(opts: ForwardProxyOptions): Promise<Forw
     !opts.credentials || req.headers['proxy-authorization'] === `Basic ${Buffer.from(opts.credentials).toString('base64')}`
   const resolve = (host: string) => opts.hosts[host.toLowerCase()]
 
-  const server: Server = createServer((req: IncomingMessage, res: ServerResponse) => {
+  const handler = (req: IncomingMessage, res: ServerResponse) => {
     log.push(`${req.method} ${req.url}`)
     if (!allowed(req)) {
       res.writeHead(407, { 'proxy-authenticate': 'Basic realm="test proxy"' }).end()
@@ -56,7 +59,8 @@ export async function startForwardProxy(opts: ForwardProxyOptions): Promise<Forw
     })
     upstream.on('error', () => res.destroy())
     req.pipe(upstream)
-  })
+  }
+  const server: Server = opts.tls ? createTlsServer({ cert: opts.tls.cert, key: opts.tls.key }, handler) : createServer(handler)
 
   server.on('connect', (req: IncomingMessage, client: Socket, head: Buffer) => {
     log.push(`CONNECT ${req.url}`)
@@ -95,7 +99,7 @@ export async function startForwardProxy(opts: ForwardProxyOptions): Promise<Forw
   await new Promise<void>((ok) => server.listen(0, '127.0.0.1', ok))
   const { port } = server.address() as AddressInfo
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: `${opts.tls ? 'https' : 'http'}://127.0.0.1:${port}`,
     log,
     close: () =>
       new Promise<void>((ok) => {

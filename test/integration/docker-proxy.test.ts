@@ -121,6 +121,31 @@ describe.skipIf(!peer('docker-registry') || !cliBuilt())('docker:// through a pr
     }
   })
 
+  it('an https:// proxy is checked with the registry client\'s TLS settings (its certificates directory), as in Go', async () => {
+    const root = await testDir()
+    const cert = await readFile(tls.certPath!, 'utf8')
+    const secure = await startForwardProxy({ hosts: { 'registry.test': '127.0.0.1' }, tls: { cert, key: await readFile(join(tls.dir, 'tls.key'), 'utf8') } })
+    try {
+      const certs = join(root, 'certs')
+      await mkdir(certs, { recursive: true })
+      await writeFile(join(certs, 'ca.crt'), cert)
+      const image = await writeRandomImage(parseImageName(`oci:${root}/src:latest`), { layers: 1, seed: 43 })
+      const remote = `docker://registry.test:${tls.port}/secure-proxy/app:v1`
+      const env = withProxies({ HTTPS_PROXY: secure.url })
+      const [cmd, push] = cliCommand(['copy', '-q', '--json', '--dest-cert-dir', certs, `oci:${root}/src:latest`, remote])
+      const pushed = await outcome(cmd, push, env)
+      expect(pushed.code, pushed.stderr).toBe(0)
+      expect(JSON.parse(pushed.stdout).manifestDigest).toBe(image.manifestDigest)
+      expect(secure.log).toContain(`CONNECT registry.test:${tls.port}`)
+      // without the directory neither the proxy's certificate nor the registry's is trusted
+      const refused = await outcome(cmd, ['inspect', remote], env)
+      expect(refused.code).toBe(1)
+      expect(refused.stderr).toMatch(/certificate/)
+    } finally {
+      await secure.close()
+    }
+  })
+
   it('refuses a proxy scheme it cannot speak with a typed error', async () => {
     const client = new RegistryClient(`registry.test:${plain.port}`, { tlsVerify: false, env: withProxies({ HTTPS_PROXY: 'socks5://127.0.0.1:1080' }) })
     await expect(client.base()).rejects.toMatchObject({ code: 'UNSUPPORTED', message: expect.stringContaining('socks5 proxies are not supported') })
