@@ -93,6 +93,22 @@ describe('auth files', () => {
     expect(await findCredentials('nowhere.example', undefined, { env })).toBeUndefined()
   })
 
+  it('gives a helper back the NODE_EXTRA_CA_CERTS that bin/blobcache moved aside', async () => {
+    const h = await home()
+    const bin = join(h, 'bin')
+    await mkdir(bin, { recursive: true })
+    const file = join(bin, 'docker-credential-env')
+    await writeFile(file, '#!/bin/sh\nread server\necho "{\\"Username\\":\\"${NODE_EXTRA_CA_CERTS:-none}\\",\\"Secret\\":\\"${BLOBCACHE_EXTRA_CA_CERTS:-none}\\"}"\n')
+    await chmod(file, 0o755)
+    await write(join(h, '.docker/config.json'), { credHelpers: { 'reg.example': 'env' } })
+    const base = { HOME: h, XDG_RUNTIME_DIR: join(h, 'run'), PATH: `${bin}:/usr/bin:/bin` }
+    expect(await findCredentials('reg.example', undefined, { env: { ...base, BLOBCACHE_EXTRA_CA_CERTS: '/etc/extra.pem' } })).toEqual({
+      username: '/etc/extra.pem',
+      password: 'none',
+    })
+    expect(await findCredentials('reg.example', undefined, { env: base })).toEqual({ username: 'none', password: 'none' })
+  })
+
   it('fails UNAUTHORIZED for a malformed file or a failing helper', async () => {
     const h = await home()
     const bin = join(h, 'bin')

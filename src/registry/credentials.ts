@@ -4,6 +4,7 @@ import { homedir } from 'node:os'
 import { join } from 'node:path'
 import debug from 'debug'
 import { ImageError, errnoCode } from '../errors.js'
+import { childEnv } from './trust.js'
 
 const log = debug('blobcache:registry:credentials')
 
@@ -174,7 +175,7 @@ export function runCredentialHelper(name: string, registry: string, opts: Creden
     const child = execFile(
       program,
       ['get'],
-      { env: opts.env ?? process.env, timeout: 60_000, maxBuffer: 1 << 20, signal: opts.signal },
+      { env: childEnv(opts.env ?? process.env), timeout: 60_000, maxBuffer: 1 << 20, signal: opts.signal },
       (err, stdout, stderr) => {
         if (opts.signal?.aborted) return reject(opts.signal.reason)
         if (err && errnoCode(err) === 'ENOENT') {

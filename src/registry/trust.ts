@@ -20,6 +20,18 @@ import type { CertDirContents } from './certs.js'
 /** The variable bin/blobcache moves NODE_EXTRA_CA_CERTS to. */
 export const EXTRA_CA_ENV = 'BLOBCACHE_EXTRA_CA_CERTS'
 
+/**
+ * The environment for a program this one starts (a credential helper): NODE_EXTRA_CA_CERTS is
+ * given back, so that a helper written for Node.js trusts what it would have trusted without
+ * bin/blobcache in between.
+ */
+export function childEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const file = env[EXTRA_CA_ENV]
+  if (!file || env.NODE_EXTRA_CA_CERTS) return env
+  const { [EXTRA_CA_ENV]: _moved, ...rest } = env
+  return { ...rest, NODE_EXTRA_CA_CERTS: file }
+}
+
 let extra: { pem: string | undefined } | undefined
 let verifying: { value: SecureContext | undefined } | undefined
 let unverified: SecureContext | undefined
