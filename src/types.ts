@@ -48,6 +48,13 @@ export interface RegistryOptions {
   credentials?: { username: string; password: string } | { identityToken: string }
   /** Path of an auth file (`--authfile`); default `REGISTRY_AUTH_FILE` and the usual places. */
   authFile?: string
+  /** Anonymous access (skopeo's `--no-creds`): no credentials are given or looked up. Default false. */
+  anonymous?: boolean
+  /**
+   * A bearer token sent as it is when the registry asks for bearer tokens (skopeo's
+   * `--registry-token`), instead of one fetched from its token server.
+   */
+  registryToken?: string
   /**
    * Directory of this registry's TLS files (skopeo's `--cert-dir`): `*.crt` certificate
    * authorities trusted besides the usual ones, `NAME.cert` and `NAME.key` a client certificate.

@@ -9,6 +9,8 @@ export interface RegistryFlags {
   creds?: string
   authfile?: string
   certDir?: string
+  noCreds?: boolean
+  registryToken?: string
 }
 
 function booleanArg(value: string | undefined): boolean {
@@ -22,14 +24,28 @@ function credsArg(value: string): string {
   return value
 }
 
+/** The attribute name commander gives `--{prefix}{name}` (`src-` + `creds` is `srcCreds`). */
+function camel(prefix: string, name: string): string {
+  const p = prefix.replace(/-$/, '')
+  return p ? p + name[0].toUpperCase() + name.slice(1) : name
+}
+
 /**
- * Adds `--{prefix}tls-verify[=bool]`, `--{prefix}creds USER:PASS`, `--{prefix}authfile FILE` and
- * `--{prefix}cert-dir DIR` to a command (prefix `src-`, `dest-`, `shared-` or nothing).
+ * Adds `--{prefix}tls-verify[=bool]`, `--{prefix}creds USER:PASS`, `--{prefix}no-creds`,
+ * `--{prefix}registry-token TOKEN`, `--{prefix}authfile FILE` and `--{prefix}cert-dir DIR` to a
+ * command (prefix `src-`, `dest-`, `shared-` or nothing).
  */
 export function addRegistryFlags(cmd: Command, prefix: '' | 'src-' | 'dest-' | 'shared-', side: string): Command {
   return cmd
     .addOption(new Option(`--${prefix}tls-verify [bool]`, `verify TLS of the ${side} registry; false also allows plain HTTP (default true)`).argParser(booleanArg))
     .addOption(new Option(`--${prefix}creds <user:password>`, `credentials for the ${side} registry`).argParser(credsArg))
+    .addOption(
+      // unprefixed, commander reads `--no-creds` as the negation of `--creds` (creds: false)
+      new Option(`--${prefix}no-creds`, `access the ${side} registry anonymously`).conflicts(
+        prefix ? [camel(prefix, 'creds'), camel(prefix, 'registryToken')] : ['registryToken'],
+      ),
+    )
+    .addOption(new Option(`--${prefix}registry-token <token>`, `bearer token for the ${side} registry`).conflicts(camel(prefix, 'creds')))
     .addOption(new Option(`--${prefix}authfile <file>`, `auth file for the ${side} registry (default: REGISTRY_AUTH_FILE, containers and docker config)`))
     .addOption(
       new Option(
@@ -54,5 +70,8 @@ export function registryOptions(flags: Record<string, unknown>, prefix: '' | 'sr
   if (typeof file === 'string') out.authFile = file
   const certDir = flags[key('certDir')]
   if (typeof certDir === 'string') out.certDir = certDir
+  if (flags[key('noCreds')] === true || flags[key('creds')] === false) out.anonymous = true
+  const token = flags[key('registryToken')]
+  if (typeof token === 'string') out.registryToken = token
   return Object.keys(out).length > 0 ? out : undefined
 }

@@ -14,6 +14,8 @@ export interface SharedCacheFlags {
   sharedCreds?: string
   sharedAuthfile?: string
   sharedCertDir?: string
+  sharedNoCreds?: boolean
+  sharedRegistryToken?: string
 }
 
 /**
@@ -31,9 +33,10 @@ export function addSharedCacheFlags(cmd: Command): Command {
 /** Why the --shared-* flags cannot be used as given (a usage error), or undefined. */
 export function sharedFlagsProblem(flags: SharedCacheFlags & { blobCache?: string }): string | undefined {
   if (!flags.sharedCache) {
-    const stray =
-      flags.sharedTlsVerify !== undefined || flags.sharedCreds !== undefined || flags.sharedAuthfile !== undefined || flags.sharedCertDir !== undefined
-    return stray ? '--shared-tls-verify, --shared-creds, --shared-authfile and --shared-cert-dir need --shared-cache' : undefined
+    const stray = [flags.sharedTlsVerify, flags.sharedCreds, flags.sharedAuthfile, flags.sharedCertDir, flags.sharedNoCreds, flags.sharedRegistryToken].some(
+      (v) => v !== undefined,
+    )
+    return stray ? 'the --shared-* registry flags need --shared-cache' : undefined
   }
   if (!flags.blobCache) return '--shared-cache needs --blob-cache'
   if (!flags.sharedCache.startsWith('docker://')) {

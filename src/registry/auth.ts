@@ -98,6 +98,8 @@ export interface AuthenticatorOptions {
   fetchToken: TokenFetcher
   /** OAuth2 client id sent with identity-token requests. Default `blobcache`. */
   clientId?: string
+  /** A bearer token to send as it is to a Bearer challenge, none fetched. */
+  registryToken?: string
 }
 
 /**
@@ -143,6 +145,7 @@ export class Authenticator {
       return 'Basic ' + Buffer.from(`${creds.username}:${creds.password}`).toString('base64')
     }
     if (challenge.scheme !== 'bearer') return undefined
+    if (this.#opts.registryToken) return `Bearer ${this.#opts.registryToken}`
     const key = scopeKey(scopes)
     const wait = (p: Promise<CachedToken>) => (signal ? untilAborted(p, signal) : p)
     const cachedEntry = this.#tokens.get(key)

@@ -298,7 +298,8 @@ export class RegistryClient {
     const lookup: CredentialOptions = { credentials: opts.credentials, authFile: opts.authFile, env: opts.env }
     this.#auth = new Authenticator({
       registry,
-      credentials: () => findCredentials(registry, undefined, lookup),
+      credentials: () => (opts.anonymous ? Promise.resolve(undefined) : findCredentials(registry, undefined, lookup)),
+      registryToken: opts.registryToken,
       fetchToken: async (url, init) => {
         try {
           const res = await exchange(url, { ...init, headers: this.#headers(init.headers) }, await this.#tls())

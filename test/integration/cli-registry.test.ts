@@ -80,7 +80,23 @@ describe.skipIf(!registryBin)('blobcache CLI with docker://', () => {
     expect((await cli(['copy', '--src-tls-verify=maybe', 'oci:/a', 'oci:/b'])).code).toBe(2)
     expect((await cli(['copy', '--dest-creds', 'nocolon', 'oci:/a', 'oci:/b'])).code).toBe(2)
     expect((await cli(['copy', '--retry-times', 'two', 'oci:/a', 'oci:/b'])).code).toBe(2)
+    expect((await cli(['copy', '--src-creds', 'a:b', '--src-no-creds', 'oci:/a', 'oci:/b'])).code).toBe(2)
+    expect((await cli(['copy', '--dest-creds', 'a:b', '--dest-registry-token', 't', 'oci:/a', 'oci:/b'])).code).toBe(2)
+    expect((await cli(['inspect', '--no-creds', '--registry-token', 't', 'oci:/a'])).code).toBe(2)
     expect((await cli(['copy', '--retry-delay', 'soon', 'oci:/a', 'oci:/b'])).code).toBe(2)
+  })
+
+  it('--no-creds reads no auth file: the registry then refuses', async () => {
+    const dir = await tempDir()
+    const authfile = join(dir, 'auth.json')
+    await writeFile(authfile, JSON.stringify({ auths: { [registry.host]: { auth: Buffer.from('alice:wonderland').toString('base64') } } }))
+    await writeSampleImage(parseImageName(`oci:${dir}/src:latest`))
+    const remote = `docker://${registry.host}/cli/anon:v1`
+    expect((await cli(['copy', '-q', '--dest-tls-verify=false', '--authfile', authfile, `oci:${dir}/src:latest`, remote])).code).toBe(0)
+    expect((await cli(['inspect', '--tls-verify=false', '--authfile', authfile, remote])).code).toBe(0)
+    const anon = await cli(['inspect', '--tls-verify=false', '--authfile', authfile, '--no-creds', remote])
+    expect(anon.code).toBe(1)
+    expect(anon.stderr).toMatch(/HTTP 401|UNAUTHORIZED/)
   })
 
   it('--digestfile holds the manifest digest alone, as skopeo writes it', async () => {

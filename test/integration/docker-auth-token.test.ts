@@ -79,4 +79,38 @@ describe.skipIf(!ready)('docker:// with bearer-token auth', () => {
     const wrong = await at('tok/app:v1', { credentials: { username: 'alice', password: 'x' } }).newImageSource()
     await expect(wrong.getManifest()).rejects.toMatchObject({ code: 'UNAUTHORIZED', status: 401 })
   })
+
+  it('sends a registry token as it is (--registry-token), and anonymous access (--no-creds) looks up no credentials', async () => {
+    // a token for tok/app, fetched by hand as a CI system would hand one over
+    const url = new URL(registry.tokenServer!.realm)
+    url.searchParams.set('service', registry.tokenServer!.service)
+    url.searchParams.set('scope', 'repository:tok/app:pull')
+    const res = await fetch(url, { headers: { authorization: `Basic ${Buffer.from('alice:wonderland').toString('base64')}` } })
+    const { token } = (await res.json()) as { token: string }
+    const before = registry.tokenServer!.requests.length
+    const client = new RegistryClient(registry.host, { tlsVerify: false, registryToken: token })
+    expect((await fetchManifest(client, 'tok/app', 'v1')).digest).toBe(image.manifestDigest)
+    // nothing was asked of the token server
+    expect(registry.tokenServer!.requests.length).toBe(before)
+    // the token's scope is all it gives: another repository is refused
+    await expect(fetchManifest(new RegistryClient(registry.host, { tlsVerify: false, registryToken: token }), 'tok/copied', 'v1')).rejects.toMatchObject({
+      code: expect.stringMatching(/UNAUTHORIZED|DENIED/),
+    })
+    // anonymous: an auth file with alice's password is not read, and anonymous users get nothing
+    const { mkdtemp, writeFile, rm } = await import('node:fs/promises')
+    const { join } = await import('node:path')
+    const { tmpdir } = await import('node:os')
+    const dir = await mkdtemp(join(tmpdir(), 'blobcache-anon-'))
+    try {
+      const authFile = join(dir, 'auth.json')
+      await writeFile(authFile, JSON.stringify({ auths: { [registry.host]: { auth: Buffer.from('alice:wonderland').toString('base64') } } }))
+      expect((await fetchManifest(new RegistryClient(registry.host, { tlsVerify: false, authFile }), 'tok/app', 'v1')).digest).toBe(image.manifestDigest)
+      await expect(fetchManifest(new RegistryClient(registry.host, { tlsVerify: false, authFile, anonymous: true }), 'tok/app', 'v1')).rejects.toMatchObject({
+        code: expect.stringMatching(/UNAUTHORIZED|DENIED/),
+      })
+      expect(registry.tokenServer!.requests.at(-1)?.user).toBeUndefined()
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
 })
