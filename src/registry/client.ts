@@ -122,17 +122,20 @@ interface TlsProfile {
   proxies: ProxyConfig
 }
 
-/** The process-wide keep-alive pool for a scheme and TLS profile; idle sockets do not hold the process. */
-function agentFor(mod: HttpModule, protocol: string, tls: TlsProfile): Agent {
-  const key = protocol === 'https:' ? `https:${tls.key}` : protocol
+/** The process-wide keep-alive pool named `key`, made by `make` the first time. */
+function pooled(key: string, make: () => Agent): Agent {
   let agent = agents.get(key)
   if (!agent) {
-    agent = protocol === 'https:'
-      ? new (mod as typeof import('node:https')).Agent({ keepAlive: true, rejectUnauthorized: tls.verify, secureContext: tls.context })
-      : new mod.Agent({ keepAlive: true })
+    agent = make()
     agents.set(key, agent)
   }
   return agent
+}
+
+/** The pool for a scheme and TLS profile; idle sockets do not hold the process. */
+function agentFor(mod: HttpModule, protocol: string, tls: TlsProfile): Agent {
+  if (protocol !== 'https:') return pooled(protocol, () => new mod.Agent({ keepAlive: true }))
+  return pooled(`https:${tls.key}`, () => new (mod as typeof import('node:https')).Agent({ keepAlive: true, rejectUnauthorized: tls.verify, secureContext: tls.context }))
 }
 
 /**
@@ -140,9 +143,7 @@ function agentFor(mod: HttpModule, protocol: string, tls: TlsProfile): Agent {
  * between us and the registry, over the tunnel, with the client's own trust and certificate.
  */
 function tunnelAgentFor(proxy: URL, tls: TlsProfile): Agent {
-  const key = `tunnel:${proxy.href}|${tls.key}`
-  let agent = agents.get(key)
-  if (!agent) {
+  return pooled(`tunnel:${proxy.href}|${tls.key}`, () => {
     const https = requireLazily('node:https') as typeof import('node:https')
     const tlsModule = requireLazily('node:tls') as typeof import('node:tls')
     const viaTls = proxy.protocol === 'https:'
@@ -185,23 +186,17 @@ function tunnelAgentFor(proxy: URL, tls: TlsProfile): Agent {
         return undefined
       }
     }
-    agent = new TunnelAgent({ keepAlive: true, rejectUnauthorized: tls.verify, secureContext: tls.context })
-    agents.set(key, agent)
-  }
-  return agent
+    return new TunnelAgent({ keepAlive: true, rejectUnauthorized: tls.verify, secureContext: tls.context })
+  })
 }
 
 /** The pool of plain-HTTP requests sent to `proxy` in absolute form (an https proxy checked with the client's TLS settings). */
 function proxyAgentFor(proxy: URL, tls: TlsProfile): Agent {
-  const key = `proxy:${proxy.href}|${tls.key}`
-  let agent = agents.get(key)
-  if (!agent) {
-    agent = proxy.protocol === 'https:'
+  return pooled(`proxy:${proxy.href}|${tls.key}`, () =>
+    proxy.protocol === 'https:'
       ? new (requireLazily('node:https') as typeof import('node:https')).Agent({ keepAlive: true, secureContext: tls.context, rejectUnauthorized: tls.verify })
-      : new (requireLazily('node:http') as typeof import('node:http')).Agent({ keepAlive: true })
-    agents.set(key, agent)
-  }
-  return agent
+      : new (requireLazily('node:http') as typeof import('node:http')).Agent({ keepAlive: true }),
+  )
 }
 
 interface ExchangeInit {

@@ -22,3 +22,14 @@ export function cliBuilt(): boolean {
 export function cliCommand(args: string[]): [string, string[]] {
   return [LAUNCHER, args]
 }
+
+/** Runs a command to its end; resolves its exit code and output (a non-zero exit does not reject). */
+export async function runCommand(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ code: number; stdout: string; stderr: string }> {
+  const { execFile } = await import('node:child_process')
+  return new Promise((resolve) => {
+    execFile(cmd, args, { env, maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
+      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : -1) : 0
+      resolve({ code, stdout, stderr })
+    })
+  })
+}

@@ -4,30 +4,16 @@
 // directories (containers-certs.d(5)): the registry's certificate trusted from `ca.crt`, through
 // certDir, --cert-dir and the per-host place under HOME, the same directory skopeo reads; and a
 // registry that requires client certificates, reached with `client.cert` and `client.key`.
-import { execFile } from 'node:child_process'
 import { mkdir, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { promisify } from 'node:util'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { RegistryClient } from '../../src/registry/client.js'
-import { cliBuilt, cliCommand } from '../helpers/built-cli.js'
+import { cliBuilt, cliCommand, runCommand } from '../helpers/built-cli.js'
 import { checkImage, testDir } from '../helpers/conformance.js'
 import { peer } from '../helpers/peers.js'
 import { writeRandomImage } from '../helpers/random-image.js'
 import { type TestRegistry, registryRef, startRegistry } from '../helpers/registry.js'
 
-const run = promisify(execFile)
-
-/** Runs a command; resolves its exit code and output (never rejects on a non-zero exit). */
-async function outcome(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await run(cmd, args, { env })
-    return { code: 0, stdout, stderr }
-  } catch (err) {
-    const e = err as { code?: number; stdout?: string; stderr?: string }
-    return { code: typeof e.code === 'number' ? e.code : -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' }
-  }
-}
 
 /** A certificates directory holding `files` (name to PEM text). */
 async function certDir(root: string, name: string, files: Record<string, string>): Promise<string> {
@@ -85,23 +71,23 @@ describe.skipIf(!peer('docker-registry'))('docker:// and TLS', () => {
     })
     const remote = `docker://${registry.host}/tls/certs:v1`
     if (peer('skopeo')) {
-      const theirs = await outcome('skopeo', ['inspect', '--cert-dir', dir, remote])
+      const theirs = await runCommand('skopeo', ['inspect', '--cert-dir', dir, remote])
       expect(theirs.code, theirs.stderr).toBe(0)
       expect(JSON.parse(theirs.stdout).Digest).toBe(image.manifestDigest)
     }
     if (cliBuilt()) {
       const [cmd, args] = cliCommand(['inspect', '--cert-dir', dir, remote])
-      const flag = await outcome(cmd, args)
+      const flag = await runCommand(cmd, args)
       expect(flag.code, flag.stderr).toBe(0)
       expect(JSON.parse(flag.stdout).Digest).toBe(image.manifestDigest)
       // the per-host place under HOME, found without a flag
       const home = join(root, 'home')
       await certDir(join(home, '.config', 'containers', 'certs.d'), registry.host, { 'ca.crt': ca })
       const [cmd2, args2] = cliCommand(['inspect', remote])
-      const found = await outcome(cmd2, args2, { ...process.env, HOME: home })
+      const found = await runCommand(cmd2, args2, { ...process.env, HOME: home })
       expect(found.code, found.stderr).toBe(0)
       expect(JSON.parse(found.stdout).Digest).toBe(image.manifestDigest)
-      const none = await outcome(cmd2, args2, { ...process.env, HOME: join(root, 'elsewhere') })
+      const none = await runCommand(cmd2, args2, { ...process.env, HOME: join(root, 'elsewhere') })
       expect(none.code).toBe(1)
       expect(none.stderr).toMatch(/certificate/)
     }
@@ -140,14 +126,14 @@ describe.skipIf(!peer('docker-registry'))('docker:// and a registry that require
     })
     if (peer('skopeo')) {
       // skopeo reads the same directory the same way
-      const theirs = await outcome('skopeo', ['inspect', '--cert-dir', full, `docker://${registry.host}/mtls/app:v1`])
+      const theirs = await runCommand('skopeo', ['inspect', '--cert-dir', full, `docker://${registry.host}/mtls/app:v1`])
       expect(theirs.code, theirs.stderr).toBe(0)
       expect(JSON.parse(theirs.stdout).Digest).toBe(image.manifestDigest)
     }
     if (cliBuilt()) {
       const out = join(root, 'pulled')
       const [cmd, args] = cliCommand(['copy', '-q', '--src-cert-dir', full, `docker://${registry.host}/mtls/app:v1`, `oci:${out}:v1`])
-      const pulled = await outcome(cmd, args)
+      const pulled = await runCommand(cmd, args)
       expect(pulled.code, pulled.stderr).toBe(0)
       expect(JSON.parse(await readFile(join(out, 'index.json'), 'utf8')).manifests[0].digest).toBe(image.manifestDigest)
     }
