@@ -29,6 +29,8 @@ export const ERROR_CODES = [
   'ALREADY_EXISTS',
   'REGISTRY_ERROR',
   'CERT_DIR_INVALID',
+  'REGISTRIES_CONF_INVALID',
+  'REGISTRY_BLOCKED',
 ] as const
 
 /** One of {@link ERROR_CODES}. */

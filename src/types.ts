@@ -62,6 +62,13 @@ export interface RegistryOptions {
    * `/etc/containers/certs.d/HOST[:PORT]` and `/etc/docker/certs.d/HOST[:PORT]` that exists.
    */
   certDir?: string
+  /**
+   * The registries.conf to read (skopeo's `--registries-conf`), alone. Default:
+   * CONTAINERS_REGISTRIES_CONF, else `~/.config/containers/registries.conf` or
+   * `/etc/containers/registries.conf` with their `registries.conf.d` drop-ins. It decides where
+   * `docker://` images are read from (mirrors, remapped locations) and which may not be read.
+   */
+  registriesConf?: string
 }
 
 /** A named way of storing images, such as `dir` or `oci`. */

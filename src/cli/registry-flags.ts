@@ -73,5 +73,10 @@ export function registryOptions(flags: Record<string, unknown>, prefix: '' | 'sr
   if (flags[key('noCreds')] === true || flags[key('creds')] === false) out.anonymous = true
   const token = flags[key('registryToken')]
   if (typeof token === 'string') out.registryToken = token
+  // one for the whole command, as skopeo's global flag
+  if (typeof flags.registriesConf === 'string') out.registriesConf = flags.registriesConf
   return Object.keys(out).length > 0 ? out : undefined
 }
+
+/** `--registries-conf FILE`, skopeo's: the registries.conf to read instead of the usual ones. */
+export const REGISTRIES_CONF_FLAGS = ['--registries-conf <file>', 'registries.conf to read alone (mirrors, remapped and blocked namespaces; default: CONTAINERS_REGISTRIES_CONF or the usual places)'] as const

@@ -8,12 +8,13 @@ import { MediaType } from '../media-types.js'
 import { type NamedReference, parseNormalizedNamed, withDefaultTag } from '../name.js'
 import { RegistryClient } from '../registry/client.js'
 import { openBlob } from '../registry/download.js'
+import { loadRegistriesConf, pullSources } from '../registry/registries-conf.js'
 import { blobLocations, recordBlobLocation } from '../registry/locations.js'
 import { type TagListOptions, deleteManifest, fetchManifest, fetchTags, pushManifest } from '../registry/manifests.js'
 import { headBlob, mountBlob, uploadBlob } from '../registry/upload.js'
 import type {
   BlobChunk, BlobInfo, CallOptions, ImageDestination, ImageReference, ImageSource, ImageTransport, LayerCompression,
-  PutBlobOptions, SystemContext,
+  PutBlobOptions, RegistryOptions, SystemContext,
 } from '../types.js'
 
 const log = debug('blobcache:transports:docker')
@@ -78,8 +79,33 @@ export class DockerReference implements ImageReference {
     return this.named
   }
 
+  /**
+   * Opens the image for reading where registries.conf says (see registries-conf.ts): each
+   * mirror that applies, then the primary location, the first that serves the manifest. A
+   * `blocked` namespace fails `REGISTRY_BLOCKED`; an `insecure` one allows plain HTTP and
+   * unverified TLS unless `tlsVerify` is set.
+   */
   async newImageSource(ctx?: SystemContext): Promise<ImageSource> {
-    return new DockerSource(this, clientFor(this, ctx))
+    const conf = await loadRegistriesConf({ path: ctx?.registry?.registriesConf })
+    const sources = pullSources(conf, this.named)
+    const [only] = sources
+    if (sources.length === 1 && only.named === this.named && !only.insecure) return new DockerSource(this, clientFor(this, ctx))
+    let last: unknown
+    for (const source of sources) {
+      const options: RegistryOptions = { ...ctx?.registry }
+      if (source.insecure && options.tlsVerify === undefined) options.tlsVerify = false
+      const opened = new DockerSource(this, new RegistryClient(source.named.domain, options), source.named)
+      try {
+        await opened.getManifest(undefined, { signal: ctx?.signal })
+        if (source.named !== this.named) log('reading %s from %s%s', this.named.toString(), source.named.toString(), source.mirror ? ' (mirror)' : '')
+        return opened
+      } catch (err) {
+        if (ctx?.signal?.aborted) throw ctx.signal.reason
+        log('reading %s from %s failed: %s', this.named.toString(), source.named.toString(), (err as Error).message)
+        last = err
+      }
+    }
+    throw last
   }
 
   async newImageDestination(ctx?: SystemContext): Promise<ImageDestination> {
@@ -113,23 +139,28 @@ export async function listTags(ref: ImageReference | NamedReference, opts: Syste
 
 class DockerSource implements ImageSource {
   #top: Promise<{ bytes: Buffer; mediaType: string }> | undefined
+  /** Where the image is read: the reference's own place, or a mirror or remapped location (registries.conf). */
+  readonly at: NamedReference
 
   constructor(
     readonly reference: DockerReference,
     readonly client: RegistryClient,
-  ) {}
+    at?: NamedReference,
+  ) {
+    this.at = at ?? reference.named
+  }
 
   getManifest(instanceDigest?: Digest, opts: CallOptions = {}): Promise<{ bytes: Buffer; mediaType: string }> {
     if (instanceDigest) return this.#fetch(instanceDigest, opts.signal)
     if (!this.#top) {
-      this.#top = this.#fetch(this.reference.manifestReference, opts.signal)
+      this.#top = this.#fetch(this.at.digest ?? this.at.tag!, opts.signal)
       this.#top.catch(() => (this.#top = undefined))
     }
     return this.#top
   }
 
   async #fetch(reference: string, signal?: AbortSignal): Promise<{ bytes: Buffer; mediaType: string }> {
-    const { registry, repository } = this.reference
+    const { domain: registry, path: repository } = this.at
     const { bytes, mediaType } = await fetchManifest(this.client, repository, reference, signal)
     try {
       const parsed = parseManifest(bytes, mediaType)
@@ -145,7 +176,7 @@ class DockerSource implements ImageSource {
   /** Streams a blob, resuming with Range after a dropped connection; sizes are checked, digests are the caller's to verify. */
   async getBlob(info: BlobInfo, opts: CallOptions = {}): Promise<{ stream: Readable; size: number }> {
     if (!info.digest) throw new ImageError('BLOB_UNKNOWN', 'a registry blob can only be fetched by digest')
-    const { registry, repository } = this.reference
+    const { domain: registry, path: repository } = this.at
     // The ImageSource contract leaves verification to the caller (copyImage verifies every blob
     // in flight); hashing here as well would double the main-thread cost of a pull.
     const blob = await openBlob(this.client, repository, info.digest, info.size, { signal: opts.signal, verify: false })
@@ -157,7 +188,7 @@ class DockerSource implements ImageSource {
     if (!info.digest) throw new ImageError('BLOB_UNKNOWN', 'a registry blob can only be fetched by digest')
     for (const range of chunks) {
       opts.signal?.throwIfAborted()
-      const { stream } = await openBlob(this.client, this.reference.repository, info.digest, info.size, { signal: opts.signal, range })
+      const { stream } = await openBlob(this.client, this.at.path, info.digest, info.size, { signal: opts.signal, range })
       yield stream
     }
   }

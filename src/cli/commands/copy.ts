@@ -10,7 +10,7 @@ import { isTransient } from '../../registry/retry.js'
 import { writeFileAtomic } from '../../transports/fs-util.js'
 import { type RunContext, attempt, describeError, parseCount, parseDuration, platformArg, printJSON } from '../io.js'
 import { createProgress } from '../progress.js'
-import { addRegistryFlags, registryOptions } from '../registry-flags.js'
+import { REGISTRIES_CONF_FLAGS, addRegistryFlags, registryOptions } from '../registry-flags.js'
 import { type SharedCacheFlags, SharedReporter, addSharedCacheFlags, openSharedTier, sharedFlagsProblem } from '../shared-cache.js'
 
 /** The parsed flags of `blobcache copy`. */
@@ -69,6 +69,7 @@ export function addCopyCommand(program: Command, ctx: RunContext): void {
     .addOption(new Option('--cache-compress-format <alg>', 'algorithm of compressed variants the cache offers (default: gzip)').choices(['gzip', 'zstd']))
     .option('--authfile <file>', 'auth file for every registry (source, destination, shared cache)')
     .option('--digestfile <file>', 'write the digest of the copied manifest to this file')
+    .option(...REGISTRIES_CONF_FLAGS)
     .addOption(new Option('--retry-times <n>', 'copy again up to n times after a failure that may pass (network, 5xx, 429)').argParser(parseCount))
     .addOption(
       new Option('--retry-delay <duration>', 'wait this long before each new attempt (default: 1s, doubled each time)').argParser(parseDuration),

@@ -4,7 +4,7 @@ import { type SourceManifest, readConfig, readManifest } from '../../image.js'
 import { type ImageManifest, type Platform, choosePlatform } from '../../manifest.js'
 import { parseImageName } from '../../transports/index.js'
 import type { CallOptions, ImageSource } from '../../types.js'
-import { addRegistryFlags, registryOptions } from '../registry-flags.js'
+import { REGISTRIES_CONF_FLAGS, addRegistryFlags, registryOptions } from '../registry-flags.js'
 import { type RunContext, attempt, platformArg, printJSON } from '../io.js'
 
 interface InspectFlags {
@@ -51,6 +51,7 @@ export function addInspectCommand(program: Command, ctx: RunContext): void {
     .option('--raw', 'print the top-level manifest (with --config: the config blob) exactly as stored')
     .option('--config', 'print the image config (for a list: of the image chosen for the platform)')
     .addOption(new Option('--platform <os/arch[/variant]>', 'choose this platform from a list (default: this machine)').argParser(platformArg))
+    .option(...REGISTRIES_CONF_FLAGS)
   addRegistryFlags(cmd, '', 'image')
   cmd.action(async (name: string, flags: InspectFlags) => {
       await attempt(ctx, `inspecting ${name}`, () => runInspect(ctx, name, flags))
