@@ -100,6 +100,11 @@ export class ImageCache {
     return new Remote(name.ref, registry ?? this.#opts.registry)
   }
 
+  /** A remote for reading `name`: registries.conf's mirrors and remapped locations apply. */
+  #reader(name: CacheName, registry?: RemoteOptions): Promise<Remote> {
+    return Remote.forReading(name.ref, registry ?? this.#opts.registry)
+  }
+
   /** index.json as it is now (validated). */
   async index(opts: CacheCallOptions = {}): Promise<ImageIndex> {
     return readIndex(this.dir, opts)
@@ -147,7 +152,7 @@ export class ImageCache {
         log('pull %s: cache incomplete: %s', name.key, [...sel.missing, ...sel.absent.map((p) => `platform ${p.os}/${p.architecture}`)].join('; '))
       }
     }
-    const remote = this.#remote(name, opts.registry)
+    const remote = await this.#reader(name, opts.registry)
     for (let attempt = 1; ; attempt++) {
       const pulled = await pullFromRegistry(this.dir, remote, platforms, opts)
       const named = await updateIndex(this.dir, async (index) => {
@@ -188,7 +193,7 @@ export class ImageCache {
    */
   async imageInRegistry(ref: string, platform?: PlatformLike, opts: CacheCallOptions & { registry?: RemoteOptions } = {}): Promise<boolean> {
     const name = cacheName(ref)
-    return registryOffers(this.#remote(name, opts.registry), toPlatform(platform ?? currentPlatform()), opts.signal)
+    return registryOffers(await this.#reader(name, opts.registry), toPlatform(platform ?? currentPlatform()), opts.signal)
   }
 
   /**

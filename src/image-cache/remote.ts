@@ -8,6 +8,7 @@ import type { NamedReference } from '../name.js'
 import { type ClientOptions, RegistryClient } from '../registry/client.js'
 import { openBlob } from '../registry/download.js'
 import { type FetchedManifest, fetchManifest } from '../registry/manifests.js'
+import { loadRegistriesConf, pullSources } from '../registry/registries-conf.js'
 import { writeBlob } from './blobs.js'
 import { sharedPiece } from '../io/hash-thread.js'
 
@@ -16,10 +17,22 @@ const log = debug('blobcache:image-cache:remote')
 /** Registry settings of the image cache: TLS, credentials, auth file, retries. */
 export type RemoteOptions = ClientOptions
 
-/** One repository of a registry, reached with one client (connection reuse, one token). */
+/** One place an image may be read from: its repository and the client that reaches it. */
+interface ReadSource {
+  named: NamedReference
+  client: RegistryClient
+}
+
+/**
+ * One repository of a registry, reached with one client (connection reuse, one token). A remote
+ * opened for reading ({@link Remote.forReading}) may first try the mirrors and remapped location
+ * registries.conf gives: the first that serves the first manifest asked is used from then on.
+ */
 export class Remote {
-  readonly client: RegistryClient
-  readonly repository: string
+  #client: RegistryClient
+  #at: NamedReference
+  /** Places still to choose from, in order, until a manifest is found at one of them. */
+  #candidates: ReadSource[] | undefined
   /** Requests made, by kind (for logs and tests). */
   readonly counts = { manifests: 0, blobs: 0 }
 
@@ -27,19 +40,65 @@ export class Remote {
     readonly named: NamedReference,
     opts: RemoteOptions = {},
   ) {
-    this.client = new RegistryClient(named.domain, opts)
-    this.repository = named.path
+    this.#client = new RegistryClient(named.domain, opts)
+    this.#at = named
+  }
+
+  /**
+   * A remote for reading `named`, as registries.conf says (`opts.registriesConf`, else the usual
+   * files): mirrors first, then the primary location. Fails `REGISTRY_BLOCKED` for a blocked name.
+   */
+  static async forReading(named: NamedReference, opts: RemoteOptions = {}): Promise<Remote> {
+    const remote = new Remote(named, opts)
+    const sources = pullSources(await loadRegistriesConf({ path: opts.registriesConf, env: opts.env }), named)
+    if (sources.length > 1 || sources[0].named !== named || sources[0].insecure) {
+      remote.#candidates = sources.map((s) => ({
+        named: s.named,
+        client: new RegistryClient(s.named.domain, s.insecure && opts.tlsVerify === undefined ? { ...opts, tlsVerify: false } : opts),
+      }))
+    }
+    return remote
+  }
+
+  /** The client of the place read from (once chosen). */
+  get client(): RegistryClient {
+    return this.#client
+  }
+
+  /** The repository read from (once chosen). */
+  get repository(): string {
+    return this.#at.path
   }
 
   /** The name as `registry/repository`. */
   get where(): string {
-    return `${this.named.domain}/${this.repository}`
+    return `${this.#at.domain}/${this.#at.path}`
   }
 
   /** Fetches a manifest by tag or digest (a digest is verified against the bytes). */
   async manifest(reference: string, signal?: AbortSignal): Promise<FetchedManifest> {
-    this.counts.manifests++
-    return fetchManifest(this.client, this.repository, reference, signal)
+    const candidates = this.#candidates
+    if (!candidates) {
+      this.counts.manifests++
+      return fetchManifest(this.#client, this.#at.path, reference, signal)
+    }
+    let last: unknown
+    for (const c of candidates) {
+      this.counts.manifests++
+      try {
+        const found = await fetchManifest(c.client, c.named.path, reference, signal)
+        this.#candidates = undefined
+        this.#client = c.client
+        this.#at = c.named
+        if (c.named !== this.named) log('reading %s from %s', this.named.toString(), c.named.toString())
+        return found
+      } catch (err) {
+        if (signal?.aborted) throw signal.reason
+        log('reading %s from %s failed: %s', this.named.toString(), c.named.toString(), (err as Error).message)
+        last = err
+      }
+    }
+    throw last
   }
 
   /**

@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { copyImage } from '../../src/copy.js'
+import { ImageCache } from '../../src/image-cache/index.js'
 import { parseImageName } from '../../src/transports/index.js'
 import { cliBuilt, cliCommand, runCommand } from '../helpers/built-cli.js'
 import { peer } from '../helpers/peers.js'
@@ -71,6 +72,22 @@ describe.skipIf(!peer('docker-registry'))('docker:// with registries.conf', () =
       code: 'REGISTRY_ERROR',
     })
     await expect(parseImageName(`docker://${origin.host}/secret/app:v1`).newImageSource(ctx)).rejects.toMatchObject({ code: 'REGISTRY_BLOCKED' })
+  })
+
+  it('ImageCache pulls read from the mirror too, and name the image by its own name', async () => {
+    const cache = await ImageCache.open(join(root, 'images'))
+    const ref = `${origin.host}/team/app:v1`
+    const d = await cache.imagePull(ref, { registry: { registriesConf: conf } })
+    expect(d.digest).toBe(image.manifestDigest)
+    expect(d.annotations?.['org.opencontainers.image.ref.name']).toBe(ref)
+    expect(await cache.imageInCache(ref)).toBe(true)
+    await expect(cache.imagePull(`${origin.host}/secret/app:v1`, { registry: { registriesConf: conf } })).rejects.toMatchObject({ code: 'REGISTRY_BLOCKED' })
+    if (cliBuilt()) {
+      const [cmd, args] = cliCommand(['image-cache', '--cache', join(root, 'images-cli'), 'pull', '--registries-conf', conf, ref])
+      const pulled = await runCommand(cmd, args)
+      expect(pulled.code, pulled.stderr).toBe(0)
+      expect(pulled.stdout).toContain(image.manifestDigest)
+    }
   })
 
   it.skipIf(!cliBuilt())('the CLI takes --registries-conf and CONTAINERS_REGISTRIES_CONF, and skopeo reads the same file the same way', async () => {

@@ -12,7 +12,7 @@ import { type Command, InvalidArgumentError, Option } from 'commander'
 import { ImageCache } from '../../image-cache/index.js'
 import { parsePlatform } from '../../manifest.js'
 import { type RunContext, attempt, formatBytes, parseDuration, printJSON, println } from '../io.js'
-import { addRegistryFlags, registryOptions } from '../registry-flags.js'
+import { REGISTRIES_CONF_FLAGS, addRegistryFlags, registryOptions } from '../registry-flags.js'
 
 interface GlobalFlags {
   cache?: string
@@ -90,6 +90,7 @@ export function addImageCacheCommand(program: Command, ctx: RunContext): void {
     .argument('<name...>', 'image names, e.g. alpine:3.19')
     .addOption(new Option('--platform <os/arch[/variant]>', 'platform to pull; repeat for several (default: this machine)').argParser(platformArg))
     .option('--always-pull', 'ask the registry even when the cache has the image whole')
+    .option(...REGISTRIES_CONF_FLAGS)
   addRegistryFlags(pull, '', 'image')
   pull.action(async (names: string[], flags: { platform?: string[]; alwaysPull?: boolean }, cmd: Command) => {
     const registry = registryOptions(flags as Record<string, unknown>, '')
