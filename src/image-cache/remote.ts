@@ -8,7 +8,7 @@ import type { NamedReference } from '../name.js'
 import { type ClientOptions, RegistryClient } from '../registry/client.js'
 import { openBlob } from '../registry/download.js'
 import { type FetchedManifest, fetchManifest } from '../registry/manifests.js'
-import { loadRegistriesConf, pullSources } from '../registry/registries-conf.js'
+import { firstServing, loadRegistriesConf, pullSources } from '../registry/registries-conf.js'
 import { writeBlob } from './blobs.js'
 import { sharedPiece } from '../io/hash-thread.js'
 
@@ -20,6 +20,7 @@ export type RemoteOptions = ClientOptions
 /** One place an image may be read from: its repository and the client that reaches it. */
 interface ReadSource {
   named: NamedReference
+  mirror: boolean
   client: RegistryClient
 }
 
@@ -54,6 +55,7 @@ export class Remote {
     if (sources.length > 1 || sources[0].named !== named || sources[0].insecure) {
       remote.#candidates = sources.map((s) => ({
         named: s.named,
+        mirror: s.mirror,
         client: new RegistryClient(s.named.domain, s.insecure && opts.tlsVerify === undefined ? { ...opts, tlsVerify: false } : opts),
       }))
     }
@@ -82,23 +84,14 @@ export class Remote {
       this.counts.manifests++
       return fetchManifest(this.#client, this.#at.path, reference, signal)
     }
-    let last: unknown
-    for (const c of candidates) {
+    const { source, value } = await firstServing(this.named, candidates, (c) => {
       this.counts.manifests++
-      try {
-        const found = await fetchManifest(c.client, c.named.path, reference, signal)
-        this.#candidates = undefined
-        this.#client = c.client
-        this.#at = c.named
-        if (c.named !== this.named) log('reading %s from %s', this.named.toString(), c.named.toString())
-        return found
-      } catch (err) {
-        if (signal?.aborted) throw signal.reason
-        log('reading %s from %s failed: %s', this.named.toString(), c.named.toString(), (err as Error).message)
-        last = err
-      }
-    }
-    throw last
+      return fetchManifest(c.client, c.named.path, reference, signal)
+    }, signal)
+    this.#candidates = undefined
+    this.#client = source.client
+    this.#at = source.named
+    return value
   }
 
   /**

@@ -225,3 +225,29 @@ export function pullSources(conf: RegistriesConf, named: NamedReference): PullSo
   sources.push({ named: entry.location ? at(entry.location) : named, insecure: entry.insecure, mirror: false })
   return sources
 }
+
+/**
+ * Tries `open` on each of `sources` in order and resolves the first that succeeds, with its
+ * source; rejects with the last failure (or the signal's reason on abort). `name` is the image
+ * as named, for the log.
+ */
+export async function firstServing<S extends { named: NamedReference; mirror?: boolean }, T>(
+  name: NamedReference,
+  sources: S[],
+  open: (source: S) => Promise<T>,
+  signal?: AbortSignal,
+): Promise<{ source: S; value: T }> {
+  let last: unknown
+  for (const source of sources) {
+    try {
+      const value = await open(source)
+      if (source.named !== name) log('reading %s from %s%s', name.toString(), source.named.toString(), source.mirror ? ' (mirror)' : '')
+      return { source, value }
+    } catch (err) {
+      if (signal?.aborted) throw signal.reason
+      log('reading %s from %s failed: %s', name.toString(), source.named.toString(), (err as Error).message)
+      last = err
+    }
+  }
+  throw last
+}

@@ -8,7 +8,7 @@ import { MediaType } from '../media-types.js'
 import { type NamedReference, parseNormalizedNamed, withDefaultTag } from '../name.js'
 import { RegistryClient } from '../registry/client.js'
 import { openBlob } from '../registry/download.js'
-import { loadRegistriesConf, pullSources } from '../registry/registries-conf.js'
+import { firstServing, loadRegistriesConf, pullSources } from '../registry/registries-conf.js'
 import { blobLocations, recordBlobLocation } from '../registry/locations.js'
 import { type TagListOptions, deleteManifest, fetchManifest, fetchTags, pushManifest } from '../registry/manifests.js'
 import { headBlob, mountBlob, uploadBlob } from '../registry/upload.js'
@@ -90,22 +90,15 @@ export class DockerReference implements ImageReference {
     const sources = pullSources(conf, this.named)
     const [only] = sources
     if (sources.length === 1 && only.named === this.named && !only.insecure) return new DockerSource(this, clientFor(this, ctx))
-    let last: unknown
-    for (const source of sources) {
+    const signal = ctx?.signal
+    const { value } = await firstServing(this.named, sources, async (source) => {
       const options: RegistryOptions = { ...ctx?.registry }
       if (source.insecure && options.tlsVerify === undefined) options.tlsVerify = false
       const opened = new DockerSource(this, new RegistryClient(source.named.domain, options), source.named)
-      try {
-        await opened.getManifest(undefined, { signal: ctx?.signal })
-        if (source.named !== this.named) log('reading %s from %s%s', this.named.toString(), source.named.toString(), source.mirror ? ' (mirror)' : '')
-        return opened
-      } catch (err) {
-        if (ctx?.signal?.aborted) throw ctx.signal.reason
-        log('reading %s from %s failed: %s', this.named.toString(), source.named.toString(), (err as Error).message)
-        last = err
-      }
-    }
-    throw last
+      await opened.getManifest(undefined, { signal })
+      return opened
+    }, signal)
+    return value
   }
 
   async newImageDestination(ctx?: SystemContext): Promise<ImageDestination> {
