@@ -57,7 +57,7 @@ export function addRegistryFlags(cmd: Command, prefix: '' | 'src-' | 'dest-' | '
 
 /** The registry options of one side, from the flags commander parsed (camel-cased by prefix). */
 export function registryOptions(flags: Record<string, unknown>, prefix: '' | 'src' | 'dest' | 'shared', authfile?: string): RegistryOptions | undefined {
-  const key = (name: string) => (prefix ? prefix + name[0].toUpperCase() + name.slice(1) : name)
+  const key = (name: string) => camel(prefix, name)
   const out: RegistryOptions = {}
   const tls = flags[key('tlsVerify')]
   if (typeof tls === 'boolean') out.tlsVerify = tls

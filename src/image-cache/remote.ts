@@ -8,7 +8,7 @@ import type { NamedReference } from '../name.js'
 import { type ClientOptions, RegistryClient } from '../registry/client.js'
 import { openBlob } from '../registry/download.js'
 import { type FetchedManifest, fetchManifest } from '../registry/manifests.js'
-import { firstServing, loadRegistriesConf, pullSources } from '../registry/registries-conf.js'
+import { firstServing, loadRegistriesConf, pullSources, sourceOptions } from '../registry/registries-conf.js'
 import { writeBlob } from './blobs.js'
 import { sharedPiece } from '../io/hash-thread.js'
 
@@ -56,7 +56,7 @@ export class Remote {
       remote.#candidates = sources.map((s) => ({
         named: s.named,
         mirror: s.mirror,
-        client: new RegistryClient(s.named.domain, s.insecure && opts.tlsVerify === undefined ? { ...opts, tlsVerify: false } : opts),
+        client: new RegistryClient(s.named.domain, sourceOptions(s, opts)),
       }))
     }
     return remote

@@ -227,6 +227,14 @@ export function pullSources(conf: RegistriesConf, named: NamedReference): PullSo
 }
 
 /**
+ * The registry options for reading at `source`: an `insecure` place allows plain HTTP and
+ * unverified TLS, unless the caller set `tlsVerify` itself (as containers/image does).
+ */
+export function sourceOptions<O extends { tlsVerify?: boolean }>(source: PullSource, opts: O): O {
+  return source.insecure && opts.tlsVerify === undefined ? { ...opts, tlsVerify: false } : opts
+}
+
+/**
  * Tries `open` on each of `sources` in order and resolves the first that succeeds, with its
  * source; rejects with the last failure (or the signal's reason on abort). `name` is the image
  * as named, for the log.

@@ -8,13 +8,13 @@ import { MediaType } from '../media-types.js'
 import { type NamedReference, parseNormalizedNamed, withDefaultTag } from '../name.js'
 import { RegistryClient } from '../registry/client.js'
 import { openBlob } from '../registry/download.js'
-import { firstServing, loadRegistriesConf, pullSources } from '../registry/registries-conf.js'
+import { firstServing, loadRegistriesConf, pullSources, sourceOptions } from '../registry/registries-conf.js'
 import { blobLocations, recordBlobLocation } from '../registry/locations.js'
 import { type TagListOptions, deleteManifest, fetchManifest, fetchTags, pushManifest } from '../registry/manifests.js'
 import { headBlob, mountBlob, uploadBlob } from '../registry/upload.js'
 import type {
   BlobChunk, BlobInfo, CallOptions, ImageDestination, ImageReference, ImageSource, ImageTransport, LayerCompression,
-  PutBlobOptions, RegistryOptions, SystemContext,
+  PutBlobOptions, SystemContext,
 } from '../types.js'
 
 const log = debug('blobcache:transports:docker')
@@ -92,9 +92,7 @@ export class DockerReference implements ImageReference {
     if (sources.length === 1 && only.named === this.named && !only.insecure) return new DockerSource(this, clientFor(this, ctx))
     const signal = ctx?.signal
     const { value } = await firstServing(this.named, sources, async (source) => {
-      const options: RegistryOptions = { ...ctx?.registry }
-      if (source.insecure && options.tlsVerify === undefined) options.tlsVerify = false
-      const opened = new DockerSource(this, new RegistryClient(source.named.domain, options), source.named)
+      const opened = new DockerSource(this, new RegistryClient(source.named.domain, sourceOptions(source, ctx?.registry ?? {})), source.named)
       await opened.getManifest(undefined, { signal })
       return opened
     }, signal)
