@@ -1,7 +1,7 @@
 import debug from 'debug'
 import { setMaxListeners } from 'node:events'
 import { compressStream } from './compression.js'
-import { BlobCopier, type BlobOutcome, type CompressionStep, type CopyProgressEvent, compressionStep } from './copy-blob.js'
+import { BlobCopier, type BlobOutcome, type BlobRequest, type CompressionStep, type CopyProgressEvent, compressionStep } from './copy-blob.js'
 import { type Digest, digestAlgorithm, digestOf, parseDigest } from './digest.js'
 import { DigestMismatchError, type ErrorCode, ImageError } from './errors.js'
 import { type SourceManifest, descriptorInfo, readManifest } from './image.js'
@@ -147,6 +147,7 @@ export async function copyImage(src: ImageReference, dest: ImageReference, opts:
   try {
     source = await src.newImageSource({ ...opts.sourceCtx, signal: opts.sourceCtx?.signal ?? opts.signal })
     destination = await dest.newImageDestination({ ...opts.destCtx, signal: opts.destCtx?.signal ?? opts.signal })
+    destination.warmUp?.()
     result = await new ImageCopier(source, destination, name, opts, signal, internal).run()
     await destination.commit({ signal })
     log('committed %s (%s): %d copied, %d reused', result.digest, result.mediaType, result.copied, result.reused)
@@ -346,30 +347,34 @@ class ImageCopier {
     setFormats(plan)
   }
 
-  /** Copies the layers of one image concurrently; on the first failure stops the others and waits for them. */
-  async copyLayers(plan: ImagePlan): Promise<BlobOutcome[]> {
+  /**
+   * Copies the layers of one image and its config (unchanged, so it need not wait for them: a
+   * re-push asks the registry about all of them at once) concurrently; on the first failure
+   * stops the others and waits for them. Resolves the layers' outcomes.
+   */
+  async copyBlobs(plan: ImagePlan): Promise<BlobOutcome[]> {
     let first: { err: unknown } | undefined
-    const tasks = plan.layers.map((l) =>
-      this.copier
-        .copy({ info: l.info, kind: 'layer', mayTransform: l.mayTransform, declared: l.declared, acceptVariant: !plan.constraint })
-        .catch((err: unknown) => {
-          if (!first) {
-            first = { err }
-            this.internal.abort(err)
-          }
-          throw err
-        }),
+    const config = plan.source.manifest.config
+    const requests: BlobRequest[] = plan.layers.map((l) => ({
+      info: l.info, kind: 'layer', mayTransform: l.mayTransform, declared: l.declared, acceptVariant: !plan.constraint,
+    }))
+    requests.push({ info: { ...descriptorInfo(config), digest: config.digest }, kind: 'config', mayTransform: false, declared: undefined, acceptVariant: false })
+    const tasks = requests.map((r) =>
+      this.copier.copy(r).catch((err: unknown) => {
+        if (!first) {
+          first = { err }
+          this.internal.abort(err)
+        }
+        throw err
+      }),
     )
     const settled = await Promise.allSettled(tasks)
     if (first) throw first.err
-    return settled.map((s) => (s as PromiseFulfilledResult<BlobOutcome>).value)
+    return settled.slice(0, plan.layers.length).map((s) => (s as PromiseFulfilledResult<BlobOutcome>).value)
   }
 
   async writeImage(plan: ImagePlan, asInstance: boolean): Promise<Written> {
-    const outcomes = await this.copyLayers(plan)
-    const config = plan.source.manifest.config
-    this.signal.throwIfAborted()
-    await this.copier.copy({ info: { ...descriptorInfo(config), digest: config.digest }, kind: 'config', mayTransform: false, declared: undefined, acceptVariant: false })
+    const outcomes = await this.copyBlobs(plan)
     const written = this.buildManifest(plan, outcomes)
     if (written.changed && plan.constraint) {
       refuse(plan.constraint, plan.instance ?? this.name, ['the layers as copied differ from the manifest'])

@@ -162,6 +162,12 @@ export interface ImageDestination {
    * copyImage refuses to drop them unless told to.
    */
   putSignatures?(signatures: Buffer[], instanceDigest?: Digest, opts?: CallOptions): Promise<void>
+  /**
+   * Optional: a hint that writing starts soon, given by copyImage before it reads the source;
+   * a destination may start slow set-up here (a registry's `/v2/` ping). MUST NOT throw: a
+   * failure shows when the destination is used. close() stops what it started.
+   */
+  warmUp?(): void
   /** Makes the image visible under its name. */
   commit(opts?: CallOptions): Promise<void>
   /** Releases resources; without a commit, MUST remove what was staged. */

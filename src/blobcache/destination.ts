@@ -78,6 +78,11 @@ export class BlobCacheDestination implements ImageDestination {
     return this.#inner.acceptsImageLists()
   }
 
+  /** Forwards to the wrapped destination, when it has warmUp. */
+  warmUp(): void {
+    this.#inner.warmUp?.()
+  }
+
   /**
    * Stores the blob in the wrapped destination and tees it into the cache. The entry is named
    * `<digest>` (`<digest>.config`) only if the bytes hash to `info.digest` and the wrapped

@@ -64,7 +64,12 @@ describe('Remote.download', () => {
     ranges.length = 0
     const d = { digest: digestOf(good), size: good.length }
     expect(await remote().download(dir, d)).toBe(good.length)
-    expect(ranges).toEqual([`bytes=${good.length >> 1}-`])
+    // one resume, from the last byte received: at most the half that was sent (a reset can
+    // drop what the kernel held unread), and more than nothing
+    expect(ranges).toHaveLength(1)
+    const from = Number(/^bytes=(\d+)-$/.exec(ranges[0])?.[1])
+    expect(from).toBeGreaterThan(0)
+    expect(from).toBeLessThanOrEqual(good.length >> 1)
     expect((await readFile(blobPath(dir, d.digest))).equals(good)).toBe(true)
     expect(await tempLeftovers(dir)).toEqual([])
   })

@@ -189,7 +189,9 @@ export class BlobFile {
       this.#operations--
       for (const p of pieces) this.#end(p, err ?? undefined)
       if (this.#queue.length && !this.#failure && !this.#closed) this.#writeQueued()
-      else this.#maybeFlush()
+      // also while writes go on: pieces that arrive as fast as they are written never leave
+      // the queue empty, and the whole file was then flushed at the end
+      this.#maybeFlush()
       this.#settle()
     })
   }

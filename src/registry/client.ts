@@ -12,6 +12,7 @@ import { requireLazily } from '../lazy-require.js'
 import { findCertDir, readCertDir } from './certs.js'
 import { type ProxyConfig, proxyAuthorization, proxyConfig, proxyFor } from './proxy.js'
 import { secureContextFor } from './trust.js'
+import { type DirectResponse, directGet } from './direct-get.js'
 
 const log = debug('blobcache:registry:client')
 
@@ -28,7 +29,7 @@ export interface ClientOptions extends RegistryOptions {
 }
 
 /** A response body: a Node stream the caller MUST read to its end, {@link discard}, or destroy. */
-export type ResponseBody = IncomingMessage
+export type ResponseBody = Readable
 
 /** A registry answer whose body the caller MUST consume, discard or destroy. */
 export interface RegistryResponse {
@@ -77,6 +78,13 @@ export interface RegistryRequest {
   followRedirects?: boolean
   /** Retry transient failures. Default true. */
   retry?: boolean
+  /**
+   * GET only: read the body straight from the socket into buffers of `allocate` (default new
+   * ones), passed on in pieces of about 1 MiB, instead of through Node's HTTP client (see
+   * direct-get.ts). Not through a proxy; an answer in a form it does not read is asked again the
+   * usual way.
+   */
+  direct?: { allocate?: (length: number) => Buffer }
 }
 
 const MAX_REDIRECTS = 5
@@ -276,6 +284,8 @@ export class RegistryClient {
   readonly #pingTimeout: number
   readonly #auth: Authenticator
   #base: Promise<URL> | undefined
+  /** Aborts the ping started by warmUp(), until a request uses it. */
+  #speculative: AbortController | undefined
   readonly #certDir: string | undefined
   readonly #env: NodeJS.ProcessEnv | undefined
   readonly #systemCertDirs: string[] | undefined
@@ -316,14 +326,43 @@ export class RegistryClient {
    * The ping is not tied to one caller's signal; an abort only stops waiting for it.
    */
   base(signal?: AbortSignal): Promise<URL> {
+    this.#speculative = undefined
+    return this.#startPing(signal)
+  }
+
+  #startPing(signal?: AbortSignal): Promise<URL> {
     if (!this.#base) {
-      const ping = withRetry(() => this.#ping(AbortSignal.timeout(this.#pingTimeout)), { ...this.#retry, what: `ping ${this.host}` })
+      const early = this.#speculative
+      const pingSignal = early ? AbortSignal.any([AbortSignal.timeout(this.#pingTimeout), early.signal]) : undefined
+      const ping = withRetry(() => this.#ping(pingSignal ?? AbortSignal.timeout(this.#pingTimeout)), {
+        ...this.#retry,
+        signal: early?.signal,
+        what: `ping ${this.host}`,
+      })
       ping.catch(() => {
         if (this.#base === ping) this.#base = undefined
       })
       this.#base = ping
     }
     return signal ? untilAborted(this.#base, signal) : this.#base
+  }
+
+  /**
+   * Starts the `/v2/` ping now, before any request needs it, so that it runs while the caller
+   * still reads its source (a copy's destination does). Its failure is kept for the first
+   * request, which retries it. {@link abandonWarmUp} stops it if no request has used it yet.
+   */
+  warmUp(): void {
+    if (this.#base) return
+    this.#speculative = new AbortController()
+    this.#startPing().catch(() => {})
+  }
+
+  /** Stops a ping started by {@link warmUp} that no request has waited for (the process need not wait for it). */
+  abandonWarmUp(): void {
+    const early = this.#speculative
+    this.#speculative = undefined
+    early?.abort(new Error('the registry ping was not needed'))
   }
 
   /**
@@ -408,9 +447,13 @@ export class RegistryClient {
         const authorization = await this.#auth.authorization(scopes, req.signal)
         if (authorization) headers.authorization = authorization
       }
-      let res: IncomingMessage
+      let res: IncomingMessage | DirectResponse
       try {
-        res = await exchange(url, { method, headers, body, signal: req.signal }, await this.#tls())
+        const tls = await this.#tls()
+        const direct = req.direct && method === 'GET' && body === undefined && !proxyFor(url, tls.proxies)
+          ? await directGet(url, { headers, signal: req.signal, allocate: req.direct.allocate }, { verify: tls.verify, context: tls.context, idleTimeout: IDLE_TIMEOUT })
+          : undefined
+        res = direct ?? (await exchange(url, { method, headers, body, signal: req.signal }, tls))
       } catch (err) {
         if (req.signal?.aborted) throw req.signal.reason
         throw new RegistryError({ status: 0, registry: this.registry, repository: req.repository, action: req.action, kind: req.kind, cause: err })

@@ -5,6 +5,7 @@ import { type Digest, DigestStream } from '../digest.js'
 import { ImageError, isImageError } from '../errors.js'
 import { repositoryScope } from './auth.js'
 import { type RegistryClient, type RegistryResponse, header } from './client.js'
+import { DirectResponse } from './direct-get.js'
 import { RegistryError } from './errors.js'
 import { isTransient, retryDelay } from './retry.js'
 
@@ -56,6 +57,9 @@ export async function openBlob(
       kind: 'blob',
       action: `fetching blob ${digest}${offset ? ` from byte ${offset}` : ''}`,
       signal: opts.signal,
+      // whole large blobs are read straight into their pieces; small ones and ranges (chunk
+      // reads) the usual way, on the pool's kept-alive connections
+      direct: end === undefined && (size < 0 || size >= DIRECT_MIN) ? { allocate: opts.allocate } : undefined,
     })
   if (opts.range) {
     const { offset, length } = opts.range
@@ -97,6 +101,9 @@ interface ResumableOptions {
   reopen: (offset: number) => Promise<RegistryResponse>
 }
 
+/** Blobs at least this large (or of unknown size) are read directly (see direct-get.ts). */
+const DIRECT_MIN = 1 << 20
+
 /**
  * Bytes gathered before they are passed on. A socket delivers at most 64 KiB per read; handing
  * on 1 MiB pieces instead spares every later stage (digest, progress, file writes) fifteen calls
@@ -111,6 +118,8 @@ class ResumableBlob extends Readable {
   readonly #client: RegistryClient
   readonly #verify: DigestStream | SizeCheck
   #body: RegistryResponse['body'] | undefined
+  /** The body being read is a {@link DirectResponse}: its pieces are whole already. */
+  #direct = false
   #offset = 0
   #skip = 0
   #resumes = 0
@@ -131,6 +140,7 @@ class ResumableBlob extends Readable {
 
   #attach(body: RegistryResponse['body']): void {
     this.#body = body
+    this.#direct = body instanceof DirectResponse
     body.on('data', (chunk: Buffer) => {
       if (this.#body !== body) return
       if (this.#skip > 0) {
@@ -169,7 +179,9 @@ class ResumableBlob extends Readable {
   #release(): boolean {
     if (this.#heldBytes === 0) return true
     const { allocate } = this.#opts
-    const out = allocate ? gather(this.#held, allocate(this.#heldBytes)) : this.#held.length === 1 ? this.#held[0] : Buffer.concat(this.#held, this.#heldBytes)
+    // a direct body's pieces are in buffers of `allocate` already
+    const whole = this.#held.length === 1 && (!allocate || this.#direct)
+    const out = whole ? this.#held[0] : allocate ? gather(this.#held, allocate(this.#heldBytes)) : Buffer.concat(this.#held, this.#heldBytes)
     this.#held = []
     this.#heldBytes = 0
     this.#verify.write(out)

@@ -265,8 +265,14 @@ class DockerDestination implements ImageDestination {
     this.#pending = undefined
   }
 
+  /** Starts finding the registry (its `/v2/` ping) while the copy still reads its source. */
+  warmUp(): void {
+    this.client.warmUp()
+  }
+
   /** Drops an uncommitted manifest; uploaded blobs stay unreferenced for the registry's garbage collection. */
   async close(): Promise<void> {
     this.#pending = undefined
+    this.client.abandonWarmUp()
   }
 }
