@@ -7,6 +7,7 @@ import { type Digest, verifyDigest } from './digest.js'
 import { ImageError } from './errors.js'
 import { layerMediaType } from './manifest.js'
 import type { BlobInfo, CompressionAlgorithm, DetectedAlgorithm, ImageDestination, ImageSource, LayerCompression } from './types.js'
+import { mayLendSlabs, sharedPiece } from './io/hash-thread.js'
 
 const log = debug('blobcache:copy')
 
@@ -187,7 +188,9 @@ export class BlobCopier {
     const { signal } = this.opts
     const { info, kind } = req
     this.#emit({ type: 'start', digest: info.digest, size: info.size, kind })
-    const { stream: raw } = await this.src.getBlob(info, { signal })
+    // between a registry and a local layout the bytes travel in pooled slabs (hash-thread.ts)
+    const lend = mayLendSlabs(this.src, this.dest) ? { allocate: sharedPiece } : {}
+    const { stream: raw } = await this.src.getBlob(info, { signal, ...lend })
     let body: Readable = raw
     let detected: DetectedAlgorithm | null | undefined
     if (kind === 'layer') {

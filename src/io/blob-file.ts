@@ -112,7 +112,8 @@ export class BlobFile {
     if (this.#failure || chunk.length === 0) return true
     if (!this.#thread) {
       this.#inline?.update(chunk)
-      this.#add({ bytes: chunk, busy: 0 })
+      // a pooled slab comes only from a copy that lends them to this file alone (slabLender)
+      this.#add({ bytes: chunk, busy: 0, slab: chunk.buffer instanceof SharedArrayBuffer ? pooledSlab(chunk.buffer) : undefined })
     } else if (chunk.buffer instanceof SharedArrayBuffer && !this.#slab) {
       this.#add({ bytes: chunk, busy: 0, slab: pooledSlab(chunk.buffer) })
     } else {

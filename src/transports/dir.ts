@@ -14,6 +14,7 @@ import type {
   SystemContext,
 } from '../types.js'
 import { type StoredBlob, copyBlob, fileSize, openBlob, readSmallFile, writeBlob, writeFileAtomic } from './fs-util.js'
+import { slabTaker } from '../io/hash-thread.js'
 
 const log = debug('blobcache:transports:dir')
 
@@ -147,6 +148,9 @@ class DirSource implements ImageSource {
  * `manifest.json` last). Closing without commit removes the blobs this destination wrote.
  */
 class DirDestination implements ImageDestination {
+  /** putBlob writes each chunk to a blob file and keeps none (see slabLender). */
+  readonly [slabTaker] = true
+
   readonly #manifests = new Map<string, Buffer>()
   readonly #signatures = new Map<string, { instance?: Digest; signatures: Buffer[] }>()
   readonly #created = new Set<string>()

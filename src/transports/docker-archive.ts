@@ -21,6 +21,7 @@ import type {
   PutBlobOptions, SystemContext,
 } from '../types.js'
 import { copyBlob, writeBlob } from './fs-util.js'
+import { slabTaker } from '../io/hash-thread.js'
 
 const log = debug('blobcache:transports:docker-archive')
 
@@ -315,6 +316,9 @@ class DockerArchiveSource implements ImageSource {
 
 /** Stages blobs in a temp dir, then writes the archive (as skopeo 1.9 does) on commit. */
 class DockerArchiveDestination implements ImageDestination {
+  /** putBlob writes each chunk to a blob file and keeps none (see slabLender). */
+  readonly [slabTaker] = true
+
   readonly #blobs = new Map<Digest, { size: number; file: string }>()
   #manifest: ImageManifest | undefined
   #committed = false

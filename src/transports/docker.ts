@@ -16,6 +16,7 @@ import type {
   BlobChunk, BlobInfo, CallOptions, ImageDestination, ImageReference, ImageSource, ImageTransport, LayerCompression,
   PutBlobOptions, SystemContext,
 } from '../types.js'
+import { type LendingOptions, slabLender } from '../io/hash-thread.js'
 
 const log = debug('blobcache:transports:docker')
 
@@ -129,6 +130,8 @@ export async function listTags(ref: ImageReference | NamedReference, opts: Syste
 }
 
 class DockerSource implements ImageSource {
+  /** getBlob reads into the `allocate` a copy gives it (see slabLender). */
+  readonly [slabLender] = true
   #top: Promise<{ bytes: Buffer; mediaType: string }> | undefined
   /** Where the image is read: the reference's own place, or a mirror or remapped location (registries.conf). */
   readonly at: NamedReference
@@ -165,12 +168,12 @@ class DockerSource implements ImageSource {
   }
 
   /** Streams a blob, resuming with Range after a dropped connection; sizes are checked, digests are the caller's to verify. */
-  async getBlob(info: BlobInfo, opts: CallOptions = {}): Promise<{ stream: Readable; size: number }> {
+  async getBlob(info: BlobInfo, opts: CallOptions & LendingOptions = {}): Promise<{ stream: Readable; size: number }> {
     if (!info.digest) throw new ImageError('BLOB_UNKNOWN', 'a registry blob can only be fetched by digest')
     const { domain: registry, path: repository } = this.at
     // The ImageSource contract leaves verification to the caller (copyImage verifies every blob
     // in flight); hashing here as well would double the main-thread cost of a pull.
-    const blob = await openBlob(this.client, repository, info.digest, info.size, { signal: opts.signal, verify: false })
+    const blob = await openBlob(this.client, repository, info.digest, info.size, { signal: opts.signal, verify: false, allocate: opts.allocate })
     recordBlobLocation(info.digest, registry, repository)
     return blob
   }

@@ -32,6 +32,7 @@ import type {
 import {
   type StoredBlob, copyBlob, ensureDir, fileSize, openBlob, readSmallFile, writeBlob, writeFileAtomic,
 } from './fs-util.js'
+import { slabTaker } from '../io/hash-thread.js'
 
 const log = debug('blobcache:transports:oci-layout')
 
@@ -348,6 +349,9 @@ const claims = new Map<string, number>()
  * removes the blobs it created unless index.json or another open destination uses them.
  */
 class OciLayoutDestination implements ImageDestination {
+  /** putBlob writes each chunk to a blob file and keeps none (see slabLender). */
+  readonly [slabTaker] = true
+
   readonly #claimed = new Set<string>()
   readonly #created = new Set<string>()
   #top: Descriptor | undefined

@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vites
 import { BlobCache } from '../../src/blobcache/index.js'
 import { copyImage } from '../../src/copy.js'
 import { digestOf } from '../../src/digest.js'
+import { mayLendSlabs, slabCounts } from '../../src/io/hash-thread.js'
 import { clearBlobLocations } from '../../src/registry/locations.js'
 import { dir as dirTransport } from '../../src/transports/dir.js'
 import { OciLayoutReference } from '../../src/transports/oci-layout.js'
@@ -49,6 +50,36 @@ describe.skipIf(!registryBin)('copyImage with docker://', () => {
     await registry?.stop()
   })
   const count = (method: string, path: RegExp) => proxy.requests.filter((r) => r.method === method && path.test(r.path)).length
+
+  it('a pull into a layout carries large layers in pooled slabs that are reused, never through a BlobCache that tees them', async () => {
+    const dir = await layoutDir()
+    const image = await writeRandomImage(new OciLayoutReference(join(dir, 'src'), 'v1'), { layers: 3, layerSize: 12 << 20, seed: 41 })
+    await copyImage(new OciLayoutReference(join(dir, 'src'), 'v1'), registryRef(registry.host, 'copy/slabs:v1'))
+    const before = slabCounts()
+    const pulled = await copyImage(registryRef(registry.host, 'copy/slabs:v1'), new OciLayoutReference(join(dir, 'dst'), 'v1'))
+    expect(pulled.digest).toBe(image.manifestDigest)
+    const dst = await new OciLayoutReference(join(dir, 'dst'), 'v1').newImageSource()
+    await checkImage(dst, image)
+    await dst.close()
+    const lent = slabCounts()
+    // 36 MiB in 1 MiB pieces: slabs given back once written are taken again
+    expect(lent.reused - before.reused).toBeGreaterThan(0)
+    expect(lent.made - before.made + lent.reused - before.reused).toBeGreaterThanOrEqual(36)
+    const [from, to] = [await registryRef(registry.host, 'copy/slabs:v1').newImageSource(), await new OciLayoutReference(join(dir, 'x'), 'v1').newImageDestination()]
+    expect(mayLendSlabs(from, to)).toBe(true)
+    await Promise.all([from.close(), to.close()])
+    // through a BlobCache (which tees each chunk to its own file too) nothing is lent, and both
+    // the cache and the layout get whole blobs
+    const cache = join(dir, 'cache')
+    await mkdir(cache)
+    const wrapped = new BlobCache(new OciLayoutReference(join(dir, 'dst2'), 'v1'), cache)
+    await copyImage(registryRef(registry.host, 'copy/slabs:v1'), wrapped)
+    expect(slabCounts()).toEqual(lent)
+    const dst2 = await new OciLayoutReference(join(dir, 'dst2'), 'v1').newImageSource()
+    await checkImage(dst2, image)
+    await dst2.close()
+    for (const layer of image.layers) expect(digestOf(await readFile(join(cache, layer.digest)))).toBe(layer.digest)
+  })
 
   it('pushes oci: -> docker:// and pulls it back with the same digests', async () => {
     const dir = await layoutDir()
