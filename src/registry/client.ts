@@ -273,7 +273,8 @@ export function registryHost(registry: string): string {
  * An HTTP client for one registry (OCI distribution API): finds the scheme with a `/v2/` ping
  * (https; plain http only when `tlsVerify` is false), authenticates per scope, follows
  * redirects by hand, retries transient failures and turns error answers into
- * {@link RegistryError}s. One HTTP stack (Node's) is used throughout.
+ * {@link RegistryError}s. Requests go through Node's HTTP client, but for the bodies of large
+ * blobs, which are read straight from a socket of their own (direct-get.ts).
  */
 export class RegistryClient {
   /** The registry as named in references (`docker.io`, `127.0.0.1:5000`). */
