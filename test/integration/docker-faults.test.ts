@@ -7,6 +7,7 @@ import { join } from 'node:path'
 import { Readable } from 'node:stream'
 import { afterAll, afterEach, beforeAll, describe, expect, it, onTestFinished } from 'vitest'
 import { copyImage } from '../../src/copy.js'
+import { THREAD_HASH_MIN } from '../../src/io/blob-file.js'
 import { type Digest, digestHex, digestOf } from '../../src/digest.js'
 import { RegistryClient } from '../../src/registry/client.js'
 import { openBlob } from '../../src/registry/download.js'
@@ -169,6 +170,31 @@ describe.skipIf(!registryBin)('docker:// through a fault-injecting proxy', () =>
     await expect(copyImage(source(), new OciLayoutReference(dir, 'v1'))).rejects.toMatchObject({ code: 'DIGEST_INVALID' })
     const files = (await readdir(dir, { recursive: true }).catch(() => [] as string[])).map(String)
     expect(files.filter((f) => f.split('/').pop()!.startsWith('.tmp-') || f.includes(digestHex(layer.digest)))).toEqual([])
+  })
+
+  it('fails a pull of a large layer whose bytes do not match, hashed by the layout on the hashing thread, keeping none of them', async () => {
+    // at least THREAD_HASH_MIN: the layout verifies it from pooled slabs instead of copyImage
+    const src = await tempDir()
+    const large = await writeRandomImage(new OciLayoutReference(src, 'v1'), { layers: 1, layerSize: THREAD_HASH_MIN + (1 << 20), compression: null, seed: 81 })
+    await copyImage(new OciLayoutReference(src, 'v1'), registryRef(registry.host, 'faults/large:v1'), { compression: 'preserve' })
+    const layer = large.layers[0]
+    expect(layer.size).toBeGreaterThanOrEqual(THREAD_HASH_MIN)
+    proxy.setRules([
+      {
+        method: 'GET',
+        path: blobPath(layer.digest),
+        fault: { kind: 'rewrite', rewrite: (a) => ({ ...a, body: Buffer.concat([a.body.subarray(0, 1000), Buffer.from([a.body[1000] ^ 1]), a.body.subarray(1001)]) }) },
+      },
+    ])
+    const dir = await tempDir()
+    await expect(copyImage(registryRef(proxy.host, 'faults/large:v1', fast), new OciLayoutReference(dir, 'v1'))).rejects.toMatchObject({ code: 'DIGEST_INVALID' })
+    const files = (await readdir(dir, { recursive: true }).catch(() => [] as string[])).map(String)
+    expect(files.filter((f) => f.split('/').pop()!.startsWith('.tmp-') || f.includes(digestHex(layer.digest)))).toEqual([])
+    // and whole bytes pass
+    proxy.setRules([])
+    const good = await copyImage(registryRef(proxy.host, 'faults/large:v1', fast), new OciLayoutReference(dir, 'v1'))
+    expect(good.digest).toBe(large.manifestDigest)
+    expect(digestOf(await readFile(join(dir, 'blobs', 'sha256', digestHex(layer.digest))))).toBe(layer.digest)
   })
 
   it('fails a push cleanly when uploads keep failing: no tag, no upload data left', async () => {
