@@ -7,7 +7,6 @@ import { type Digest, verifyDigest } from './digest.js'
 import { ImageError } from './errors.js'
 import { layerMediaType } from './manifest.js'
 import type { BlobInfo, CompressionAlgorithm, DetectedAlgorithm, ImageDestination, ImageSource, LayerCompression } from './types.js'
-import { THREAD_HASH_MIN } from './io/blob-file.js'
 import { mayLendSlabs, sharedPiece } from './io/hash-thread.js'
 
 const log = debug('blobcache:copy')
@@ -205,11 +204,7 @@ export class BlobCopier {
       }
     }
     const step = req.mayTransform && detected !== undefined ? this.#step(detected) : undefined
-    // Unchanged into a destination that takes slabs (our local layouts, whose putBlob verifies
-    // what it stores), a large blob is hashed there, on the hashing thread from the slabs as
-    // they are, and not here on the main thread: it fails DIGEST_INVALID all the same.
-    const destVerifies = 'allocate' in lend && !step && info.size >= THREAD_HASH_MIN
-    const input = destVerifies ? new ByteCount(info.digest, info.size) : verifyDigest({ expected: info.digest, size: info.size >= 0 ? info.size : undefined })
+    const input = verifyDigest({ expected: info.digest, size: info.size >= 0 ? info.size : undefined })
     // The destination reads the last stage, a DigestStream: the input verifier when the bytes
     // pass unchanged, else the hasher of the output. It can take the digest from that stream
     // instead of hashing every byte a second time.
@@ -340,26 +335,5 @@ async function untilAborted<T>(p: Promise<T>, signal: AbortSignal, cleanup: () =
     return await Promise.race([p, aborted])
   } finally {
     signal.removeEventListener('abort', onAbort)
-  }
-}
-
-/**
- * Counts the bytes of a blob that its destination verifies, failing `SIZE_INVALID` as soon as
- * more than `size` arrive, as the verifier it stands in for does. It is no DigestingStream: the
- * destination hashes what it reads.
- */
-class ByteCount extends Transform {
-  bytes = 0
-  constructor(
-    readonly digest: Digest,
-    readonly size: number,
-  ) {
-    super({ highWaterMark: 1 << 20 })
-  }
-
-  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    this.bytes += chunk.length
-    if (this.bytes > this.size) cb(new ImageError('SIZE_INVALID', `blob ${this.digest}: more than the expected ${this.size} bytes`))
-    else cb(null, chunk)
   }
 }

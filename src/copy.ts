@@ -15,8 +15,6 @@ import type {
   BlobInfo, CallOptions, CompressionAlgorithm, DetectedAlgorithm, ImageDestination, ImageReference, ImageSource,
   LayerCompression, SystemContext,
 } from './types.js'
-import { THREAD_HASH_MIN } from './io/blob-file.js'
-import { mayLendSlabs, startHashThread } from './io/hash-thread.js'
 
 export type { CopyProgressEvent } from './copy-blob.js'
 
@@ -361,9 +359,6 @@ class ImageCopier {
       info: l.info, kind: 'layer', mayTransform: l.mayTransform, declared: l.declared, acceptVariant: !plan.constraint,
     }))
     requests.push({ info: { ...descriptorInfo(config), digest: config.digest }, kind: 'config', mayTransform: false, declared: undefined, acceptVariant: false })
-    // large blobs between these two ends are hashed on the hashing thread (see BlobCopier):
-    // started now, its start overlaps the requests' first round trips
-    if (plan.layers.some((l) => l.info.size >= THREAD_HASH_MIN) && mayLendSlabs(this.src, this.dest)) startHashThread()
     const tasks = requests.map((r) =>
       this.copier.copy(r).catch((err: unknown) => {
         if (!first) {

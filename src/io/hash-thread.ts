@@ -110,14 +110,6 @@ function hashThread(): HashThread {
 }
 
 /**
- * Starts the hashing thread now, when it will surely be needed soon: its start (some 30 ms,
- * much of it on the other core) then overlaps the work before the first bytes arrive.
- */
-export function startHashThread(): void {
-  hashThread()
-}
-
-/**
  * An incremental hash computed on the hashing thread. Pieces are given as shared memory,
  * which MUST NOT change until `update` resolves; `digest` resolves the hex digest of all
  * pieces in the order they were given. `dispose` forgets the hash (after a failure).

@@ -172,8 +172,8 @@ describe.skipIf(!registryBin)('docker:// through a fault-injecting proxy', () =>
     expect(files.filter((f) => f.split('/').pop()!.startsWith('.tmp-') || f.includes(digestHex(layer.digest)))).toEqual([])
   })
 
-  it('fails a pull of a large layer whose bytes do not match, hashed by the layout on the hashing thread, keeping none of them', async () => {
-    // at least THREAD_HASH_MIN: the layout verifies it from pooled slabs instead of copyImage
+  it('fails a pull of a large layer whose bytes do not match (read directly, in pooled slabs), keeping none of them', async () => {
+    // at least THREAD_HASH_MIN (and so read straight from the socket into pooled slabs)
     const src = await tempDir()
     const large = await writeRandomImage(new OciLayoutReference(src, 'v1'), { layers: 1, layerSize: THREAD_HASH_MIN + (1 << 20), compression: null, seed: 81 })
     await copyImage(new OciLayoutReference(src, 'v1'), registryRef(registry.host, 'faults/large:v1'), { compression: 'preserve' })
