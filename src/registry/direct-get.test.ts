@@ -237,6 +237,11 @@ describe('directGet over TLS', () => {
       })
       const unverified = await directGet(url, { headers: {} }, { verify: false, context: undefined, idleTimeout: 5000 })
       expect((await readAll(unverified!)).bytes.length).toBe(data.length)
+      // into shared memory (the image cache's slabs) as well
+      const shared = await directGet(url, { headers: {}, allocate: (n) => Buffer.from(new SharedArrayBuffer(n)) }, trusted)
+      const got = await readAll(shared!)
+      expect(got.pieces.every((p) => p.buffer instanceof SharedArrayBuffer)).toBe(true)
+      expect(sha(got.bytes)).toBe(sha(data))
     } finally {
       await new Promise((resolve) => server.close(resolve))
     }
