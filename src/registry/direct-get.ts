@@ -138,7 +138,10 @@ export function directGet(url: URL, init: DirectGetInit, conn: DirectConnection)
         return true
       }
       const head = parseHead(piece!.toString('latin1', 0, at))
-      if (!head) return void fail(Object.assign(new Error(`${url.host} sent a malformed response`), { code: 'HPE_INVALID_CONSTANT' })), false
+      if (!head) {
+        fail(Object.assign(new Error(`${url.host} sent a malformed response`), { code: 'HPE_INVALID_CONSTANT' }))
+        return false
+      }
       const encoding = head.headers['transfer-encoding']
       const length = head.headers['content-length']
       if (head.status < 200 || (encoding !== undefined && encoding !== 'identity') || Array.isArray(length)) {
@@ -150,7 +153,10 @@ export function directGet(url: URL, init: DirectGetInit, conn: DirectConnection)
         resolve(undefined)
         return false
       }
-      if (length !== undefined && !/^\d+$/.test(length)) return void fail(Object.assign(new Error(`${url.host} sent Content-Length ${JSON.stringify(length)}`), { code: 'HPE_INVALID_CONTENT_LENGTH' })), false
+      if (length !== undefined && !/^\d+$/.test(length)) {
+        fail(Object.assign(new Error(`${url.host} sent Content-Length ${JSON.stringify(length)}`), { code: 'HPE_INVALID_CONTENT_LENGTH' }))
+        return false
+      }
       inHead = false
       remaining = length === undefined ? -1 : Number(length)
       res.statusCode = head.status
@@ -178,10 +184,15 @@ export function directGet(url: URL, init: DirectGetInit, conn: DirectConnection)
         if (finished) return true
         filled += n
         if (inHead) {
-          if (!onHead() || finished) return !finished
+          // false: the answer was given up (or failed) and the connection closed
+          if (!onHead()) return false
+          if (finished) return true
         } else if (remaining >= 0) {
           remaining -= n
-          if (remaining === 0) return end(), true
+          if (remaining === 0) {
+            end()
+            return true
+          }
         }
         if (filled >= DIRECT_PIECE_BYTES && !giveOn()) {
           paused = true
