@@ -1,9 +1,9 @@
 // RegistryClient.warmUp: the `/v2/` ping started before any request needs it is the one the
 // first request uses, and abandonWarmUp stops one that nothing used (the process need not wait
 // for a registry that does not answer).
-import { type Server, type Socket, createServer } from 'node:net'
 import { afterEach, describe, expect, it } from 'vitest'
 import { RegistryClient } from './client.js'
+import { type TcpServer, startTcpServer } from '../../test/helpers/tcp-server.js'
 
 interface Listener {
   host: string
@@ -13,26 +13,17 @@ interface Listener {
   closed: () => number
 }
 
-const servers: { server: Server; sockets: Set<Socket> }[] = []
+const servers: TcpServer[] = []
 afterEach(async () => {
-  for (const { server, sockets } of servers.splice(0)) {
-    for (const s of sockets) s.destroy()
-    await new Promise((resolve) => server.close(resolve))
-  }
+  for (const server of servers.splice(0)) await server.close()
 })
 
 /** A plain HTTP/1.1 server on 127.0.0.1 that answers every request with 200 and `{}`, and a TLS hello with 400; `silent`, nothing at all. */
 async function listen(silent: boolean): Promise<Listener> {
   const requests: string[] = []
-  const sockets = new Set<Socket>()
   let closed = 0
-  const server = createServer((socket) => {
-    sockets.add(socket)
-    socket.on('close', () => {
-      sockets.delete(socket)
-      closed++
-    })
-    socket.on('error', () => {})
+  const server = await startTcpServer((socket) => {
+    socket.on('close', () => closed++)
     let got = ''
     socket.on('data', (d) => {
       // a TLS ClientHello: refused as Go's HTTP server refuses it (the https attempt then fails)
@@ -47,9 +38,8 @@ async function listen(silent: boolean): Promise<Listener> {
       }
     })
   })
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  servers.push({ server, sockets })
-  return { host: `127.0.0.1:${(server.address() as { port: number }).port}`, requests, closed: () => closed }
+  servers.push(server)
+  return { host: server.host, requests, closed: () => closed }
 }
 
 describe('RegistryClient.warmUp', () => {

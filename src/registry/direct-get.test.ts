@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
 import { mkdtemp, readFile, rm } from 'node:fs/promises'
-import { type Server, type Socket, createServer } from 'node:net'
+import type { Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Readable } from 'node:stream'
@@ -10,16 +10,14 @@ import { promisify } from 'node:util'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { DIRECT_BUFFER_BYTES, DIRECT_PIECE_BYTES, type DirectConnection, type DirectResponse, directGet, parseHead } from './direct-get.js'
 import { RegistryClient } from './client.js'
+import { type TcpServer, startTcpServer } from '../../test/helpers/tcp-server.js'
 
 const plain: DirectConnection = { verify: false, context: undefined, idleTimeout: 5000 }
 
-/** A TCP server on 127.0.0.1 that answers each connection with `answer(socket, request head)`. */
-async function rawServer(answer: (socket: Socket, head: string) => void): Promise<{ url: (path: string) => URL; heads: string[]; server: Server }> {
+/** A TCP server on 127.0.0.1 that answers each request head with `answer(socket, head)`. */
+async function rawServer(answer: (socket: Socket, head: string) => void): Promise<{ url: (path: string) => URL; heads: string[] }> {
   const heads: string[] = []
-  const sockets = new Set<Socket>()
-  const server = createServer((socket) => {
-    sockets.add(socket)
-    socket.on('close', () => sockets.delete(socket))
+  const server = await startTcpServer((socket) => {
     let got = ''
     socket.on('data', (d) => {
       got += d.toString('latin1')
@@ -31,20 +29,14 @@ async function rawServer(answer: (socket: Socket, head: string) => void): Promis
         answer(socket, head)
       }
     })
-    socket.on('error', () => {})
   })
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  servers.push({ server, sockets })
-  const { port } = server.address() as { port: number }
-  return { url: (path) => new URL(`http://127.0.0.1:${port}${path}`), heads, server }
+  servers.push(server)
+  return { url: (path) => new URL(`http://${server.host}${path}`), heads }
 }
 
-const servers: { server: Server; sockets: Set<Socket> }[] = []
+const servers: TcpServer[] = []
 afterEach(async () => {
-  for (const { server, sockets } of servers.splice(0)) {
-    for (const s of sockets) s.destroy()
-    await new Promise((resolve) => server.close(resolve))
-  }
+  for (const server of servers.splice(0)) await server.close()
 })
 
 async function readAll(body: Readable): Promise<{ bytes: Buffer; pieces: Buffer[] }> {
@@ -137,9 +129,7 @@ describe('directGet', () => {
     await expect(directGet(srv.url('/none'), { headers: {} }, plain)).rejects.toMatchObject({ code: 'ECONNRESET' })
     await expect(directGet(srv.url('/bad'), { headers: {} }, plain)).rejects.toMatchObject({ code: 'HPE_INVALID_CONSTANT' })
     const port = srv.url('/').port
-    const [{ server, sockets }] = servers.splice(0)
-    for (const s of sockets) s.destroy()
-    await new Promise((resolve) => server.close(resolve))
+    for (const server of servers.splice(0)) await server.close()
     await expect(directGet(new URL(`http://127.0.0.1:${port}/x`), { headers: {} }, plain)).rejects.toMatchObject({ code: 'ECONNREFUSED' })
   })
 

@@ -76,6 +76,8 @@ export class DirectResponse extends Readable {
 }
 
 const CRLFCRLF = Buffer.from('\r\n\r\n')
+/** Where reads go once a response is over (the socket is being closed; what lands is dropped). */
+const SCRATCH = Buffer.allocUnsafe(16 << 10)
 
 /**
  * Sends `GET url` on a new connection and resolves once the answer's head is in, with the body
@@ -100,7 +102,6 @@ export function directGet(url: URL, init: DirectGetInit, conn: DirectConnection)
     let remaining = -1
     let inHead = true
     let paused = false
-    const scratch = Buffer.allocUnsafe(16 << 10)
 
     const fail = (err: Error) => {
       if (finished) return
@@ -174,7 +175,7 @@ export function directGet(url: URL, init: DirectGetInit, conn: DirectConnection)
 
     const onread = {
       buffer: (): Uint8Array => {
-        if (finished) return scratch
+        if (finished) return SCRATCH
         piece ??= allocate(DIRECT_BUFFER_BYTES)
         if (piece.length < DIRECT_BUFFER_BYTES) throw new Error(`allocate gave ${piece.length} bytes, not ${DIRECT_BUFFER_BYTES}`)
         const room = DIRECT_BUFFER_BYTES - filled
