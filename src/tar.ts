@@ -6,13 +6,13 @@
  * Writing ({@link writeTar}) streams a deterministic ustar archive.
  */
 import { randomBytes } from 'node:crypto'
-import { createWriteStream } from 'node:fs'
 import { open as openFile, rename, rm, stat, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { Readable, type Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import debug from 'debug'
 import { ImageError, type ErrorCode } from './errors.js'
+import { openNewFile } from './io/new-file.js'
 
 const log = debug('blobcache:tar')
 
@@ -571,7 +571,7 @@ export async function writeTarFile(
   signal?.throwIfAborted()
   const tmp = join(dirname(target), `.tmp-${basename(target)}-${randomBytes(8).toString('hex')}`)
   try {
-    await writeTar(entries, createWriteStream(tmp, { flags: 'wx', mode: 0o644, highWaterMark: CHUNK }), { signal })
+    await writeTar(entries, await openNewFile(tmp, { highWaterMark: CHUNK }), { signal })
     const handle = await openFile(tmp, 'r+')
     try {
       await handle.sync()

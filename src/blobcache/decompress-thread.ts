@@ -28,26 +28,31 @@ const SLACK = 4 << 20
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads')
 const { createHash } = require('node:crypto')
-const { createWriteStream, unlink } = require('node:fs')
+const { createWriteStream, openSync, unlink } = require('node:fs')
 const { Transform, pipeline } = require('node:stream')
 const { createGunzip } = require('node:zlib')
 const CHUNK = 1 << 20
 const jobs = new Map()
 function start(id, path) {
+  // created here, before the pipeline: a stream opening its file in the background could
+  // create it after a failure had already removed it
+  let fd
+  try {
+    fd = openSync(path, 'wx', 0o644)
+  } catch (err) {
+    return parentPort.postMessage([id, null, String(err.message || err), err.code])
+  }
   const hash = createHash('sha256')
   let bytes = 0
   const gunzip = createGunzip({ chunkSize: CHUNK })
   const hasher = new Transform({ highWaterMark: CHUNK, transform(chunk, _e, cb) { hash.update(chunk); bytes += chunk.length; cb(null, chunk) } })
-  const out = createWriteStream(path, { flags: 'wx', mode: 0o644, highWaterMark: CHUNK })
-  const job = { gunzip, aborted: false, created: false }
-  out.on('open', () => { job.created = true })
+  const out = createWriteStream(path, { fd, highWaterMark: CHUNK })
+  const job = { gunzip, aborted: false }
   jobs.set(id, job)
   pipeline(gunzip, hasher, out, (err) => {
     jobs.delete(id)
     if (!err) return parentPort.postMessage([id, hash.digest('hex'), bytes])
-    const answer = () => parentPort.postMessage(job.aborted ? [id, null] : [id, null, String(err.message || err), err.code])
-    if (job.created) unlink(path, answer)
-    else answer()
+    unlink(path, () => parentPort.postMessage(job.aborted ? [id, null] : [id, null, String(err.message || err), err.code]))
   })
 }
 parentPort.on('message', (m) => {

@@ -2,7 +2,7 @@
 // through the cache), and the compressed variant of an uncompressed layer (made in the
 // background from its cache entry, in `compress` mode). Each is written to a `.tmp-` file,
 // hashed as it is written, named by that hash, and linked to its origin by the notes.
-import { createReadStream, createWriteStream } from 'node:fs'
+import { createReadStream } from 'node:fs'
 import { open, rename } from 'node:fs/promises'
 import { once } from 'node:events'
 import { join } from 'node:path'
@@ -12,6 +12,7 @@ import debug from 'debug'
 import { PEEK_BYTES, compressStream, decompressStream, detectCompression } from '../compression.js'
 import { type Digest, verifyDigest } from '../digest.js'
 import { errnoCode } from '../errors.js'
+import { openNewFile } from '../io/new-file.js'
 import type { CompressionAlgorithm, DetectedAlgorithm } from '../types.js'
 import { FILE_MODE, HIGH_WATER_MARK, fileExists, removeQuietly, tempPath } from './files.js'
 import { threadDecompression } from './decompress-thread.js'
@@ -91,16 +92,19 @@ class StreamDecompression implements Decompression {
     }
     this.#input = input
     const hasher = verifyDigest({ algorithm: 'sha256' })
-    const out = createWriteStream(tmp, { flags: 'wx', mode: FILE_MODE, highWaterMark: HIGH_WATER_MARK })
-    this.done = pipeline(input, hasher, out).then(
-      () => ({ tmp, digest: hasher.digest }),
-      async (err: unknown) => {
-        this.#failed = true
-        await removeQuietly(tmp)
-        if (!this.#aborted) onError(`decompressing ${base} (${algorithm})`, err)
-        return undefined
-      },
-    )
+    // the input takes bytes (up to the slack) while the file is being created
+    this.done = openNewFile(tmp, { mode: FILE_MODE, highWaterMark: HIGH_WATER_MARK })
+      .then((out) => pipeline(input, hasher, out))
+      .then(
+        () => ({ tmp, digest: hasher.digest }),
+        async (err: unknown) => {
+          this.#failed = true
+          input.destroy()
+          await removeQuietly(tmp)
+          if (!this.#aborted) onError(`decompressing ${base} (${algorithm})`, err)
+          return undefined
+        },
+      )
   }
 
   /**
@@ -173,12 +177,8 @@ export async function makeCompressedVariant(
     }
     if (!(await isUncompressedFile(join(dir, uncompressed)))) return undefined
     const hasher = verifyDigest({ algorithm: 'sha256' })
-    await pipeline(
-      createReadStream(join(dir, uncompressed), { highWaterMark: HIGH_WATER_MARK }),
-      compressStream(algorithm),
-      hasher,
-      createWriteStream(tmp, { flags: 'wx', mode: FILE_MODE, highWaterMark: HIGH_WATER_MARK }),
-    )
+    const out = await openNewFile(tmp, { mode: FILE_MODE, highWaterMark: HIGH_WATER_MARK })
+    await pipeline(createReadStream(join(dir, uncompressed), { highWaterMark: HIGH_WATER_MARK }), compressStream(algorithm), hasher, out)
     const file = { tmp, digest: hasher.digest }
     await placeFile(dir, file)
     await addCompressedVariant(dir, uncompressed, file.digest, algorithm)

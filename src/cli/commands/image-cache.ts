@@ -2,7 +2,7 @@
 // `linuxkit cache`. The cache directory defaults to $BLOBCACHE_IMAGE_CACHE, else
 // ~/.cache/blobcache/images.
 import { randomBytes } from 'node:crypto'
-import { createReadStream, createWriteStream } from 'node:fs'
+import { createReadStream } from 'node:fs'
 import { open, rename, rm } from 'node:fs/promises'
 import { homedir } from 'node:os'
 import { basename, dirname, join, resolve } from 'node:path'
@@ -10,6 +10,7 @@ import type { Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { type Command, InvalidArgumentError, Option } from 'commander'
 import { ImageCache } from '../../image-cache/index.js'
+import { openNewFile } from '../../io/new-file.js'
 import { parsePlatform } from '../../manifest.js'
 import { type RunContext, attempt, formatBytes, parseDuration, printJSON, println } from '../io.js'
 import { REGISTRIES_CONF_FLAGS, addRegistryFlags, registryOptions } from '../registry-flags.js'
@@ -48,7 +49,11 @@ async function writeOut(ctx: RunContext, stream: Readable, outfile: string): Pro
   const target = resolve(outfile)
   const tmp = join(dirname(target), `.tmp-${basename(target)}-${randomBytes(6).toString('hex')}`)
   try {
-    await pipeline(stream, createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 }), { signal: ctx.signal })
+    const out = await openNewFile(tmp, { mode: 0o666 }).catch((err: unknown) => {
+      stream.destroy()
+      throw err
+    })
+    await pipeline(stream, out, { signal: ctx.signal })
     const fh = await open(tmp, 'r+')
     try {
       await fh.sync()
