@@ -34,6 +34,26 @@ describe('decompression thread (gzip)', () => {
     expect(digestOf(await readFile(file!.tmp))).toBe(digestOf(plain))
   })
 
+  it('writes the same file through the page cache when BLOBCACHE_DIRECT_IO=0 (shared with the thread)', async () => {
+    const plain = Buffer.concat([randomBytes(1 << 20), Buffer.alloc(1 << 20, 'b'), Buffer.from('end')])
+    const input = gzipSync(plain)
+    const files: Buffer[] = []
+    for (const setting of ['0', undefined]) {
+      if (setting === undefined) delete process.env.BLOBCACHE_DIRECT_IO
+      else process.env.BLOBCACHE_DIRECT_IO = setting
+      try {
+        const { file, errors } = await run(await testDir(), input, 100_000)
+        expect(errors).toEqual([])
+        expect(file?.digest).toBe(digestOf(plain))
+        files.push(await readFile(file!.tmp))
+      } finally {
+        delete process.env.BLOBCACHE_DIRECT_IO
+      }
+    }
+    expect(files[0].equals(plain)).toBe(true)
+    expect(files[1].equals(plain)).toBe(true)
+  })
+
   it('runs several jobs at once', async () => {
     const dir = await testDir()
     const plains = [0, 1, 2, 3].map(() => randomBytes(700_000))

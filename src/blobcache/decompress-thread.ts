@@ -33,6 +33,99 @@ const { Transform, pipeline } = require('node:stream')
 const { createGunzip } = require('node:zlib')
 const CHUNK = 1 << 20
 const jobs = new Map()
+
+// The file is written as DirectWriter (src/io/direct-write.ts) writes: staged in page-aligned
+// memory, with O_DIRECT through a second descriptor of the open file, the tail padded and the
+// size set by ftruncate; a failed direct write goes again, and every later one goes, through
+// the plain descriptor. Where that cannot be had, a plain write stream.
+const { write: fsWrite, ftruncate, close: fsClose, constants: fsc } = require('node:fs')
+const { Writable } = require('node:stream')
+const ALIGN = 4096
+const freeStages = []
+function newStage() {
+  if (freeStages.length) return freeStages.pop()
+  const memory = new WebAssembly.Memory({ initial: (CHUNK * 4) / 65536 })
+  for (let i = 1; i < 4; i++) freeStages.push(Buffer.from(memory.buffer, i * CHUNK, CHUNK))
+  return Buffer.from(memory.buffer, 0, CHUNK)
+}
+function fileSink(fd) {
+  let direct = -1
+  let stages
+  if (process.env.BLOBCACHE_DIRECT_IO !== '0' && typeof WebAssembly === 'object' && fsc.O_DIRECT) {
+    try {
+      stages = [newStage(), newStage()]
+      direct = openSync('/proc/self/fd/' + fd, fsc.O_WRONLY | fsc.O_DIRECT)
+    } catch {
+      if (stages) freeStages.push(...stages)
+    }
+  }
+  if (direct < 0) return createWriteStream(null, { fd, highWaterMark: CHUNK })
+  let filled = 0, pos = 0, inFlight = false, waiter = null, failed = null
+  const put = (buf, len, at, done) => {
+    const via = direct >= 0 ? direct : fd
+    fsWrite(via, buf, 0, len, at, (err, n) => {
+      if ((err || n < len) && via === direct) {
+        fsClose(direct, () => {})
+        direct = -1
+        if (err) return put(buf, len, at, done)
+      }
+      if (err) return done(err)
+      if (n < len) return put(buf.subarray(n), len - n, at + n, done)
+      done(null)
+    })
+  }
+  // stages[0] fills while stages[1] is written
+  const issue = () => {
+    const full = stages[0], len = filled, at = pos
+    stages = [stages[1], full]
+    pos += len; filled = 0; inFlight = true
+    put(full, len, at, (err) => {
+      inFlight = false
+      if (err) failed = err
+      const then = waiter
+      waiter = null
+      if (then) then()
+    })
+  }
+  const whenIdle = (then) => { if (inFlight) waiter = then; else then() }
+  return new Writable({
+    highWaterMark: CHUNK,
+    write(chunk, _e, cb) {
+      let offset = 0
+      const step = () => {
+        for (;;) {
+          if (failed) return cb(failed)
+          if (filled === CHUNK) {
+            if (inFlight) return (waiter = step)
+            issue()
+          }
+          if (offset === chunk.length) return cb()
+          const n = chunk.copy(stages[0], filled, offset)
+          filled += n
+          offset += n
+        }
+      }
+      step()
+    },
+    final(cb) {
+      whenIdle(() => {
+        if (failed) return cb(failed)
+        if (filled === 0) return cb()
+        const len = filled, at = pos
+        const padded = direct >= 0 ? Math.ceil(len / ALIGN) * ALIGN : len
+        stages[0].fill(0, len, padded)
+        put(stages[0], padded, at, (err) => (err ? cb(err) : ftruncate(fd, at + len, cb)))
+      })
+    },
+    destroy(err, cb) {
+      whenIdle(() => {
+        freeStages.push(...stages)
+        if (direct >= 0) fsClose(direct, () => {})
+        fsClose(fd, () => cb(err))
+      })
+    },
+  })
+}
 function start(id, path) {
   // created here, before the pipeline: a stream opening its file in the background could
   // create it after a failure had already removed it
@@ -46,7 +139,7 @@ function start(id, path) {
   let bytes = 0
   const gunzip = createGunzip({ chunkSize: CHUNK })
   const hasher = new Transform({ highWaterMark: CHUNK, transform(chunk, _e, cb) { hash.update(chunk); bytes += chunk.length; cb(null, chunk) } })
-  const out = createWriteStream(path, { fd, highWaterMark: CHUNK })
+  const out = fileSink(fd)
   const job = { gunzip, aborted: false }
   jobs.set(id, job)
   pipeline(gunzip, hasher, out, (err) => {

@@ -12,6 +12,7 @@ import { pipeline as pipelinePromise } from 'node:stream/promises'
 import debug from 'debug'
 import { type Digest, type DigestingStream, digestOf, digestingStream, parseDigest } from '../digest.js'
 import { errnoCode, isImageError } from '../errors.js'
+import { DirectWriter } from '../io/direct-write.js'
 import { layerCompressionOf } from '../manifest.js'
 import type { BlobInfo, CallOptions, ImageDestination, LayerCompression, PutBlobOptions } from '../types.js'
 import { entryIntact, findBlob } from './directory.js'
@@ -22,6 +23,9 @@ import { CacheTee, type CacheTeeOptions, CacheWriter, type TeeOutcome } from './
 import { putThroughFile } from './through-file.js'
 import { type TierFetched, fetchFromTier } from './tier-reads.js'
 import { makeCompressedVariant } from './variants.js'
+
+/** Blobs from this size on (or of unknown size) are written to the cache with direct I/O (see direct-write.ts). */
+const DIRECT_MIN_BYTES = 1 << 20
 
 const log = debug('blobcache:blobcache:destination')
 
@@ -107,7 +111,7 @@ export class BlobCacheDestination implements ImageDestination {
       this.#ensureVariant(digest, info, opts)
       return result
     }
-    const writing = await this.#writerOptions(digest, name, opts, digestingStream(stream, digest))
+    const writing = await this.#writerOptions(digest, name, info.size, opts, digestingStream(stream, digest))
     if (!writing) return this.#inner.putBlob(stream, info, opts)
     if (this.#inner.putBlobFromFile) return this.#putBlobThroughFile(stream, new CacheWriter(writing), { ...info, digest }, opts)
     const tee = new CacheTee(writing)
@@ -227,7 +231,7 @@ export class BlobCacheDestination implements ImageDestination {
       this.#ensureVariant(digest, info, opts)
       return result
     }
-    const writing = await this.#writerOptions(digest, name, opts)
+    const writing = await this.#writerOptions(digest, name, info.size, opts)
     if (!writing) return inner(path, info, opts)
     const tee = new CacheTee(writing)
     const discard = new Writable({ highWaterMark: HIGH_WATER_MARK, write: (_c, _e, cb) => cb() })
@@ -271,12 +275,13 @@ export class BlobCacheDestination implements ImageDestination {
    * What a CacheWriter (or CacheTee) for the entry `name` needs, with a new temporary file
    * (opened for reading too, see putThroughFile), or undefined (counted) when it cannot be made.
    */
-  async #writerOptions(digest: Digest, name: string, opts: PutBlobOptions, upstream?: DigestingStream): Promise<CacheTeeOptions | undefined> {
+  async #writerOptions(digest: Digest, name: string, size: number, opts: PutBlobOptions, upstream?: DigestingStream): Promise<CacheTeeOptions | undefined> {
     const path = tempPath(this.#dir, name)
     try {
       const handle = await open(path, 'wx+', FILE_MODE)
+      const direct = size < 0 || size >= DIRECT_MIN_BYTES ? await DirectWriter.open(handle) : undefined
       const onError = (what: string, err: unknown) => this.#error(what, err)
-      return { dir: this.#dir, digest, name, file: { handle, path }, decompress: !opts.isConfig, onError, upstream }
+      return { dir: this.#dir, digest, name, file: { handle, path, direct }, decompress: !opts.isConfig, onError, upstream }
     } catch (err) {
       this.#error(`creating a temporary file for ${name}`, err)
       return undefined

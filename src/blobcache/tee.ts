@@ -12,6 +12,7 @@ import debug from 'debug'
 import { detectCompression, PEEK_BYTES } from '../compression.js'
 import { type Digest, type DigestAlgorithm, type DigestingStream, digestAlgorithm, streamDigest } from '../digest.js'
 import type { DetectedAlgorithm } from '../types.js'
+import type { DirectWriter } from '../io/direct-write.js'
 import { HIGH_WATER_MARK, fileExists, removeQuietly } from './files.js'
 import { stampVerified } from './stamp.js'
 import { type CacheErrorHandler, type Decompression, startDecompression, storeDecompressed } from './variants.js'
@@ -26,8 +27,12 @@ export interface CacheTeeOptions {
   digest: Digest
   /** The final file name (`<digest>` or `<digest>.config`). */
   name: string
-  /** The open temporary file (created by the caller, `.tmp-` in `dir`) and its path. */
-  file: { handle: FileHandle; path: string }
+  /**
+   * The open temporary file (created by the caller, `.tmp-` in `dir`) and its path, with the
+   * writer to use for it when its bytes go to the disk directly (then it holds the staged bytes
+   * and closes with the writer).
+   */
+  file: { handle: FileHandle; path: string; direct?: DirectWriter }
   /** Decompress a compressed blob into its `sha256:<diffID>` entry. */
   decompress: boolean
   /** Receives cache failures; none of them fails the stream. */
@@ -55,10 +60,15 @@ export interface TeeOutcome {
 export interface WrittenFile {
   handle: FileHandle
   path: string
+  direct?: DirectWriter
   /** Bytes written to it (the first ones of the blob). */
   bytes: number
-  /** A write to it failed: it holds only the first `bytes` of the blob. */
+  /**
+   * A write to it failed: it holds only the first `bytes` of the blob, and `pending` the ones
+   * given after them and before the chunk whose write failed.
+   */
   failed: boolean
+  pending?: Buffer[]
 }
 
 /**
@@ -128,6 +138,14 @@ export class CacheWriter {
    */
   async end(): Promise<void> {
     await this.#pending.catch(() => {})
+    const file = this.#file
+    if (file?.direct && !file.failed) {
+      try {
+        await file.direct.end()
+      } catch (err) {
+        this.#directFailed(file, file.direct, file.bytes, err)
+      }
+    }
     if (this.#head) await this.#startDerived()
     this.#computed = this.#opts.upstream
       ? this.#opts.upstream[streamDigest]().digest
@@ -147,7 +165,10 @@ export class CacheWriter {
     await this.#pending.catch(() => {})
     const file = this.#file
     this.#file = undefined
-    if (file) await file.handle.close().catch(() => {})
+    if (file) {
+      await file.direct?.close()
+      await file.handle.close().catch(() => {})
+    }
     const verified = consumerSucceeded && this.#computed === digest
     if (!verified && this.#computed !== undefined && consumerSucceeded) {
       log('not caching %s: the bytes hash to %s', digest, this.#computed)
@@ -179,6 +200,7 @@ export class CacheWriter {
   }
 
   async #writeFile(file: WrittenFile, chunk: Buffer): Promise<void> {
+    if (file.direct) return this.#writeDirect(file, file.direct, chunk)
     try {
       let offset = 0
       while (offset < chunk.length) {
@@ -191,6 +213,37 @@ export class CacheWriter {
       file.failed = true
       this.#opts.onError(`writing ${this.#opts.name}`, err)
     }
+  }
+
+  async #writeDirect(file: WrittenFile, direct: DirectWriter, chunk: Buffer): Promise<void> {
+    const before = file.bytes
+    try {
+      await direct.write(chunk)
+      file.bytes += chunk.length
+    } catch (err) {
+      this.#directFailed(file, direct, before, err)
+    }
+  }
+
+  /**
+   * Marks the file failed after a direct write did, for a replay of the first `given` bytes:
+   * those in the file (it may hold more: the start of the chunk being written), and in
+   * `pending` those that are not.
+   */
+  #directFailed(file: WrittenFile, direct: DirectWriter, given: number, err: unknown): void {
+    if (this.#file !== file || file.failed) return
+    let missing = given - direct.written
+    const pending: Buffer[] = []
+    for (const part of direct.unwritten()) {
+      if (missing <= 0) break
+      const take = part.subarray(0, Math.min(part.length, missing))
+      pending.push(Buffer.from(take)) // copied: the stages are not kept
+      missing -= take.length
+    }
+    file.bytes = Math.min(direct.written, given)
+    file.pending = pending
+    file.failed = true
+    this.#opts.onError(`writing ${this.#opts.name}`, err)
   }
 
   /** Decides from the first bytes whether to decompress, and feeds them if so. */

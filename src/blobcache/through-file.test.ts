@@ -1,31 +1,44 @@
 import { randomBytes } from 'node:crypto'
-import { open, readdir, readFile } from 'node:fs/promises'
+import { type FileHandle, open, readdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Readable } from 'node:stream'
 import { gzipSync } from 'node:zlib'
 import { describe, expect, it } from 'vitest'
 import { readAll, testDir } from '../../test/helpers/conformance.js'
 import { type Digest, digestOf } from '../digest.js'
+import { DirectWriter, STAGE_BYTES } from '../io/direct-write.js'
 import type { BlobInfo } from '../types.js'
 import { tempPath } from './files.js'
 import { CacheWriter } from './tee.js'
 import { putThroughFile } from './through-file.js'
 
-/** A writer on a new temporary file; its writes fail after `failAfter` of them. */
-async function writer(dir: string, data: Buffer, failAfter?: number) {
+/** Makes the writes of `handle` fail (ENOSPC) after `failAfter` of them. */
+function failWrites(handle: FileHandle, failAfter?: number): FileHandle {
+  if (failAfter === undefined) return handle
+  let writes = 0
+  const real = handle.write.bind(handle)
+  handle.write = (async (...args: Parameters<typeof real>) => {
+    if (++writes > failAfter) throw Object.assign(new Error('no space left on device'), { code: 'ENOSPC' })
+    return real(...args)
+  }) as typeof handle.write
+  return handle
+}
+
+/**
+ * A writer on a new temporary file; its writes fail after `failAfter` of them. With `direct`,
+ * it writes through a DirectWriter whose second descriptor fails after `direct.failAfter`.
+ */
+async function writer(dir: string, data: Buffer, failAfter?: number, direct?: { failAfter?: number }) {
   const digest = digestOf(data)
   const path = tempPath(dir, digest)
-  const handle = await open(path, 'wx+')
-  if (failAfter !== undefined) {
-    let writes = 0
-    const real = handle.write.bind(handle)
-    handle.write = (async (...args: Parameters<typeof real>) => {
-      if (++writes > failAfter) throw Object.assign(new Error('no space left on device'), { code: 'ENOSPC' })
-      return real(...args)
-    }) as typeof handle.write
-  }
+  const handle = failWrites(await open(path, 'wx+'), failAfter)
+  const directWriter = direct
+    ? await DirectWriter.open(handle, { reopen: async () => failWrites(await open(path, 'r+'), direct.failAfter) })
+    : undefined
+  if (direct) expect(directWriter).toBeDefined()
   const errors: string[] = []
-  const w = new CacheWriter({ dir, digest, name: digest, file: { handle, path }, decompress: true, onError: (what) => errors.push(what) })
+  const file = { handle, path, direct: directWriter }
+  const w = new CacheWriter({ dir, digest, name: digest, file, decompress: true, onError: (what) => errors.push(what) })
   return { w, digest, errors }
 }
 
@@ -71,6 +84,25 @@ describe('putThroughFile', () => {
     expect(errors).toHaveLength(1)
     expect(await w.settle(true)).toMatchObject({ verified: true, stored: false })
     expect(await readdir(dir)).toEqual([])
+  })
+
+  it.each([
+    ['a direct write fails, the plain ones do not', STAGE_BYTES * 3 + 777, 300_001, undefined, 1, 'file'],
+    ['both fail midway', STAGE_BYTES * 3 + 777, 300_001, 0, 1, 'stream'],
+    ['both fail midway through one chunk of several stages', STAGE_BYTES * 3 + 777, STAGE_BYTES * 4, 0, 1, 'stream'],
+    ['both fail on the last, padded write', STAGE_BYTES * 2 + 777, 300_001, 0, 2, 'stream'],
+  ] as const)('with direct writes, the destination gets every byte when %s', async (_name, size, chunkBytes, failAfter, directFailAfter, how) => {
+    const dir = await testDir()
+    const data = randomBytes(size)
+    const { w, digest, errors } = await writer(dir, data, failAfter, { failAfter: directFailAfter })
+    const dest = recorder()
+    await putThroughFile(Readable.from(chunks(data, chunkBytes)), w, { digest, size: data.length }, {}, dest)
+    const got = how === 'file' ? dest.got.fromFile : dest.got.streamed
+    expect(got?.equals(data)).toBe(true)
+    expect(errors).toHaveLength(how === 'file' ? 0 : 1)
+    expect(await w.settle(true)).toMatchObject({ verified: true, stored: how === 'file' })
+    if (how === 'file') expect((await readFile(join(dir, digest))).equals(data)).toBe(true)
+    else expect(await readdir(dir)).toEqual([])
   })
 
   it.each([

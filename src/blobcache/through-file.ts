@@ -63,6 +63,11 @@ export async function putThroughFile(
   }
   checkDigest({ digest: writer.digest!, bytes: writer.bytes }, { expected: info.digest, size: info.size })
   const file = writer.file!
+  if (file.failed) {
+    // the last staged bytes did not reach the file
+    log('cache file of %s failed at its end: the destination reads the bytes again', info.digest)
+    return target.fromStream(Readable.from(replay(writer), { objectMode: false }))
+  }
   try {
     return await target.fromFile(file.path)
   } catch (err) {
@@ -76,10 +81,11 @@ export async function putThroughFile(
 
 /**
  * The blob again after the cache file failed on `failed`: the bytes already in the file, read
- * back through its descriptor, then `failed`, then the rest of the stream (still given to the
- * writer, which hashes and decompresses it). Stopping early destroys the stream.
+ * back through its descriptor, and those given to it that did not reach it, then `failed`, then
+ * the rest of the stream (still given to the writer, which hashes and decompresses it); without
+ * `chunks`, the writer had been given the whole blob. Stopping early destroys the stream.
  */
-async function* replay(writer: CacheWriter, failed: Buffer, chunks: AsyncIterator<Buffer>): AsyncGenerator<Buffer> {
+async function* replay(writer: CacheWriter, failed?: Buffer, chunks?: AsyncIterator<Buffer>): AsyncGenerator<Buffer> {
   let finished = false
   try {
     const file = writer.file as WrittenFile
@@ -89,6 +95,11 @@ async function* replay(writer: CacheWriter, failed: Buffer, chunks: AsyncIterato
       if (bytesRead === 0) throw new Error(`cache file ${file.path}: ended after ${position} of ${file.bytes} bytes`)
       yield piece.subarray(0, bytesRead)
       position += bytesRead
+    }
+    for (const part of file.pending ?? []) yield part
+    if (!failed || !chunks) {
+      finished = true
+      return
     }
     yield failed
     for (;;) {
@@ -100,7 +111,7 @@ async function* replay(writer: CacheWriter, failed: Buffer, chunks: AsyncIterato
     finished = true
     await writer.end()
   } finally {
-    if (!finished) await chunks.return?.()
+    if (!finished) await chunks?.return?.()
   }
 }
 
