@@ -59,7 +59,10 @@ function fileSink(fd) {
       if (stages) freeStages.push(...stages)
     }
   }
-  if (direct < 0) return createWriteStream(null, { fd, highWaterMark: CHUNK })
+  if (direct < 0) {
+    if (process.env.BLOBCACHE_DIRECT_IO === '1') throw Object.assign(new Error('no direct writes (BLOBCACHE_DIRECT_IO=1 asks for them)'), { code: 'ENOTSUP' })
+    return createWriteStream(null, { fd, highWaterMark: CHUNK })
+  }
   let filled = 0, pos = 0, inFlight = false, waiter = null, failed = null
   const put = (buf, len, at, done) => {
     const via = direct >= 0 ? direct : fd
@@ -135,11 +138,17 @@ function start(id, path) {
   } catch (err) {
     return parentPort.postMessage([id, null, String(err.message || err), err.code])
   }
+  let out
+  try {
+    out = fileSink(fd)
+  } catch (err) {
+    fsClose(fd, () => {})
+    return unlink(path, () => parentPort.postMessage([id, null, String(err.message || err), err.code]))
+  }
   const hash = createHash('sha256')
   let bytes = 0
   const gunzip = createGunzip({ chunkSize: CHUNK })
   const hasher = new Transform({ highWaterMark: CHUNK, transform(chunk, _e, cb) { hash.update(chunk); bytes += chunk.length; cb(null, chunk) } })
-  const out = fileSink(fd)
   const job = { gunzip, aborted: false }
   jobs.set(id, job)
   pipeline(gunzip, hasher, out, (err) => {

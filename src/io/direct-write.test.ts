@@ -59,6 +59,25 @@ describe('DirectWriter', () => {
     await plain.close()
   })
 
+  it('BLOBCACHE_DIRECT_IO=0 turns it off; =1 makes a file that cannot have it fail (ENOTSUP)', async () => {
+    const { plain } = await newFile()
+    try {
+      process.env.BLOBCACHE_DIRECT_IO = '0'
+      expect(await DirectWriter.open(plain)).toBeUndefined()
+      process.env.BLOBCACHE_DIRECT_IO = '1'
+      const refused = async () => {
+        throw Object.assign(new Error('invalid argument'), { code: 'EINVAL' })
+      }
+      await expect(DirectWriter.open(plain, { reopen: refused })).rejects.toMatchObject({ code: 'ENOTSUP' })
+      const w = await DirectWriter.open(plain)
+      expect(w?.direct).toBe(true)
+      await w?.close()
+    } finally {
+      delete process.env.BLOBCACHE_DIRECT_IO
+      await plain.close()
+    }
+  })
+
   it('goes on through the plain descriptor when a direct write fails, and the file is whole', async () => {
     const { path, plain } = await newFile()
     const data = randomBytes(3 * STAGE_BYTES + 5000)

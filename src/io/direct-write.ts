@@ -22,8 +22,16 @@ const STAGES_PER_MEMORY = 4
 /** Free stages kept for reuse. */
 const STAGES_KEPT = 8
 
-/** WebAssembly's Memory (typed here: the project's libs leave WebAssembly out); absent when disabled (--jitless). */
-const wasmMemory = (globalThis as { WebAssembly?: { Memory: new (d: { initial: number }) => { buffer: ArrayBuffer } } }).WebAssembly?.Memory
+type WasmMemory = new (d: { initial: number }) => { buffer: ArrayBuffer }
+
+/**
+ * WebAssembly's Memory (typed here: the project's libs leave WebAssembly out), looked up when
+ * used: absent when disabled (--jitless), and absent too while the CLI's startup snapshot is
+ * built, which runs this module's top level.
+ */
+function wasmMemory(): WasmMemory | undefined {
+  return (globalThis as { WebAssembly?: { Memory: WasmMemory } }).WebAssembly?.Memory
+}
 
 const freeStages: Buffer[] = []
 /** Why direct writes cannot be had in this process, once that is known. */
@@ -32,7 +40,9 @@ let unavailable: string | undefined
 function takeStage(): Buffer {
   const free = freeStages.pop()
   if (free) return free
-  const memory = new wasmMemory!({ initial: (STAGE_BYTES * STAGES_PER_MEMORY) / 65536 })
+  const Memory = wasmMemory()
+  if (!Memory) throw new Error('no WebAssembly.Memory')
+  const memory = new Memory({ initial: (STAGE_BYTES * STAGES_PER_MEMORY) / 65536 })
   for (let i = 1; i < STAGES_PER_MEMORY; i++) freeStages.push(Buffer.from(memory.buffer, i * STAGE_BYTES, STAGE_BYTES))
   return Buffer.from(memory.buffer, 0, STAGE_BYTES)
 }
@@ -78,12 +88,24 @@ export class DirectWriter {
 
   /**
    * A writer for the empty file open as `plain` (which stays the caller's), or undefined when
-   * direct writes cannot be had here; then the caller writes through `plain` as usual. `reopen`
-   * (for tests) replaces opening the direct descriptor.
+   * direct writes cannot be had here; then the caller writes through `plain` as usual.
+   * `BLOBCACHE_DIRECT_IO=0` makes it always undefined; with `BLOBCACHE_DIRECT_IO=1` it rejects
+   * instead of resolving undefined (a check that they are used). `reopen` (for tests) replaces
+   * opening the direct descriptor.
    */
   static async open(plain: FileHandle, opts: DirectWriterOptions = {}): Promise<DirectWriter | undefined> {
-    if ((unavailable || process.env.BLOBCACHE_DIRECT_IO === '0') && !opts.reopen) return undefined
-    if (!wasmMemory || (!constants.O_DIRECT && !opts.reopen)) {
+    const setting = process.env.BLOBCACHE_DIRECT_IO
+    if (setting === '0' && !opts.reopen) return undefined
+    const why = opts.reopen ? undefined : unavailable
+    const writer = why ? undefined : await DirectWriter.#open(plain, opts)
+    if (!writer && setting === '1') {
+      throw Object.assign(new Error(`no direct writes (BLOBCACHE_DIRECT_IO=1 asks for them): ${why ?? unavailable ?? 'see DEBUG=blobcache:io:*'}`), { code: 'ENOTSUP' })
+    }
+    return writer
+  }
+
+  static async #open(plain: FileHandle, opts: DirectWriterOptions): Promise<DirectWriter | undefined> {
+    if (!wasmMemory() || (!constants.O_DIRECT && !opts.reopen)) {
       unavailable = 'no O_DIRECT or WebAssembly memory on this platform'
       log('direct writes unavailable: %s', unavailable)
       return undefined
@@ -94,7 +116,7 @@ export class DirectWriter {
       direct = opts.reopen ? await opts.reopen(plain.fd) : await open(`/proc/self/fd/${plain.fd}`, constants.O_WRONLY | constants.O_DIRECT)
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code
-      // no /proc, or no O_DIRECT on this file system: tried once per process for /proc
+      // no /proc (then for the whole process), or no O_DIRECT on this file system
       if (code === 'ENOENT' && !(await procMounted())) unavailable = 'no /proc'
       log('no direct descriptor: %s', code ?? (err as Error).message)
       return undefined
