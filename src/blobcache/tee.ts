@@ -61,7 +61,10 @@ export interface WrittenFile {
   handle: FileHandle
   path: string
   direct?: DirectWriter
-  /** Bytes written to it (the first ones of the blob). */
+  /**
+   * Bytes given to it, the first ones of the blob (with a direct writer, the last of them may be
+   * staged until the writer's end); after a failure, those in it.
+   */
   bytes: number
   /**
    * A write to it failed: it holds only the first `bytes` of the blob, and `pending` the ones
@@ -237,7 +240,7 @@ export class CacheWriter {
     for (const part of direct.unwritten()) {
       if (missing <= 0) break
       const take = part.subarray(0, Math.min(part.length, missing))
-      pending.push(Buffer.from(take)) // copied: the stages are not kept
+      pending.push(Buffer.from(take)) // a copy: no view of a stage is kept
       missing -= take.length
     }
     file.bytes = Math.min(direct.written, given)
