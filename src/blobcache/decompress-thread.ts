@@ -9,6 +9,7 @@
 import type { Worker } from 'node:worker_threads'
 import debug from 'debug'
 import type { Digest } from '../digest.js'
+import { REMOTE_FILE_SYSTEM_TYPES } from '../io/direct-write.js'
 import { startScriptWorker } from '../io/script-worker.js'
 import { removeQuietly, tempPath } from './files.js'
 import type { CacheErrorHandler, Decompression, DerivedFile } from './variants.js'
@@ -38,7 +39,18 @@ const jobs = new Map()
 // memory, with O_DIRECT through a second descriptor of the open file, the tail padded and the
 // size set by ftruncate; a failed direct write goes again, and every later one goes, through
 // the plain descriptor. Where that cannot be had, a plain write stream.
-const { write: fsWrite, ftruncate, close: fsClose, constants: fsc } = require('node:fs')
+const { write: fsWrite, ftruncate, close: fsClose, fstatSync, statfsSync, constants: fsc } = require('node:fs')
+const REMOTE = new Set([${REMOTE_FILE_SYSTEM_TYPES.join(', ')}])
+const remoteDevices = new Map()
+function onRemote(fd) {
+  try {
+    const { dev } = fstatSync(fd)
+    if (!remoteDevices.has(dev)) remoteDevices.set(dev, REMOTE.has(statfsSync('/proc/self/fd/' + fd).type))
+    return remoteDevices.get(dev)
+  } catch {
+    return false
+  }
+}
 const { Writable } = require('node:stream')
 const ALIGN = 4096
 const freeStages = []
@@ -51,7 +63,7 @@ function newStage() {
 function fileSink(fd) {
   let direct = -1
   let stages
-  if (process.env.BLOBCACHE_DIRECT_IO !== '0' && typeof WebAssembly === 'object' && fsc.O_DIRECT) {
+  if (process.env.BLOBCACHE_DIRECT_IO !== '0' && typeof WebAssembly === 'object' && fsc.O_DIRECT && !onRemote(fd)) {
     try {
       stages = [newStage(), newStage()]
       direct = openSync('/proc/self/fd/' + fd, fsc.O_WRONLY | fsc.O_DIRECT)

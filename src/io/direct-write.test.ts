@@ -3,7 +3,7 @@ import { type FileHandle, open, readFile, readlink, stat } from 'node:fs/promise
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { testDir } from '../../test/helpers/conformance.js'
-import { DIRECT_ALIGN, DirectWriter, STAGE_BYTES } from './direct-write.js'
+import { DIRECT_ALIGN, DirectWriter, STAGE_BYTES, remoteFileSystem } from './direct-write.js'
 
 /** Makes every write of `handle` after the first `okWrites` fail with `code`. */
 function failWrites(handle: FileHandle, okWrites: number, code = 'ENOSPC'): FileHandle {
@@ -57,6 +57,15 @@ describe('DirectWriter', () => {
     expect(flags.some((f) => (f & 0o40000) !== 0)).toBe(true)
     await w.close()
     await plain.close()
+  })
+
+  it('is not used on network and FUSE file systems (statfs magic numbers), only on local ones', async () => {
+    expect(remoteFileSystem(0x6969)).toBe('nfs')
+    expect(remoteFileSystem(0xfe534d42)).toBe('smb2')
+    expect(remoteFileSystem(0x65735546)).toBe('fuse')
+    expect(remoteFileSystem(0xef53)).toBeUndefined() // ext2/3/4
+    expect(remoteFileSystem(0x58465342)).toBeUndefined() // xfs
+    expect(remoteFileSystem(0x01021994)).toBeUndefined() // tmpfs
   })
 
   it('BLOBCACHE_DIRECT_IO=0 turns it off; =1 makes a file that cannot have it fail (ENOTSUP)', async () => {

@@ -8,7 +8,7 @@
 // tmpfs, WebAssembly disabled for the aligned memory), or fails, the same bytes go through the
 // plain descriptor instead, so the caller never sees the difference.
 import { constants } from 'node:fs'
-import { type FileHandle, open } from 'node:fs/promises'
+import { type FileHandle, open, statfs } from 'node:fs/promises'
 import debug from 'debug'
 
 const log = debug('blobcache:io:direct-write')
@@ -34,6 +34,32 @@ function wasmMemory(): WasmMemory | undefined {
 }
 
 const freeStages: Buffer[] = []
+/**
+ * File systems whose direct writes are synchronous trips to a server (or a userspace daemon), by
+ * statfs magic number: there the page cache, which batches and writes behind, stays in use.
+ */
+const REMOTE_FILE_SYSTEMS = new Map<number, string>([
+  [0x6969, 'nfs'],
+  [0xff534d42, 'cifs'],
+  [0xfe534d42, 'smb2'],
+  [0x65735546, 'fuse'],
+  [0x01021997, '9p'],
+  [0x00c36400, 'ceph'],
+  [0x0bd00bd0, 'lustre'],
+  [0x47504653, 'gpfs'],
+])
+
+/** The statfs magic numbers of {@link REMOTE_FILE_SYSTEMS} (for the decompression thread's script). */
+export const REMOTE_FILE_SYSTEM_TYPES: readonly number[] = [...REMOTE_FILE_SYSTEMS.keys()]
+
+/** The name of a file system (a statfs magic number) that direct writes are not used on, or undefined. */
+export function remoteFileSystem(type: number): string | undefined {
+  return REMOTE_FILE_SYSTEMS.get(type)
+}
+
+/** Per device: the remote file system it is, or null when direct writes may be used. */
+const devices = new Map<number, string | null>()
+
 /** Why direct writes cannot be had in this process, once that is known. */
 let unavailable: string | undefined
 
@@ -109,6 +135,13 @@ export class DirectWriter {
       unavailable = 'no O_DIRECT or WebAssembly memory on this platform'
       log('direct writes unavailable: %s', unavailable)
       return undefined
+    }
+    if (!opts.reopen) {
+      const remote = await remoteDevice(plain)
+      if (remote) {
+        log('no direct writes on %s', remote)
+        return undefined
+      }
     }
     let direct: FileHandle
     try {
@@ -236,6 +269,22 @@ export class DirectWriter {
       const { bytesWritten } = await this.#plain.write(stage, done, length - done, at + done)
       done += bytesWritten
     }
+  }
+}
+
+/** The remote file system `handle`'s file is on (see REMOTE_FILE_SYSTEMS), or undefined; statfs once per device. */
+async function remoteDevice(handle: FileHandle): Promise<string | undefined> {
+  try {
+    const { dev } = await handle.stat()
+    let known = devices.get(dev)
+    if (known === undefined) {
+      const { type } = await statfs(`/proc/self/fd/${handle.fd}`)
+      known = remoteFileSystem(type) ?? null
+      devices.set(dev, known)
+    }
+    return known ?? undefined
+  } catch {
+    return undefined // then opening the direct descriptor decides
   }
 }
 
