@@ -153,6 +153,12 @@ export interface ImageDestination {
    * for example by `fs.copyFile`. Same contract as putBlob otherwise.
    */
   putBlobFromFile?(path: string, info: BlobInfo, opts?: PutBlobOptions): Promise<BlobInfo>
+  /**
+   * Optional, with putBlobFromFile: the directory it hard-links files into, unread, when they
+   * are on its file system. A file given from anywhere else is read again (copied), so a writer
+   * preparing one for it keeps it in the page cache unless it is on this directory's device.
+   */
+  readonly linkDirectory?: string
   /** Resolves the stored blob's info if the destination already holds it, else undefined. */
   tryReusingBlob(info: BlobInfo, opts?: PutBlobOptions): Promise<BlobInfo | undefined>
   /** Stores a manifest: the top-level one, or with `instanceDigest` that instance of a list. */

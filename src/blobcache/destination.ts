@@ -5,7 +5,7 @@
 // the cache (or from the shared tier). Every entry stored or found here is also queued for the
 // shared tier, when the cache has one.
 import { createReadStream } from 'node:fs'
-import { lstat, open } from 'node:fs/promises'
+import { lstat, open, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { type Readable, Writable, pipeline } from 'node:stream'
 import { pipeline as pipelinePromise } from 'node:stream/promises'
@@ -40,6 +40,8 @@ export class BlobCacheDestination implements ImageDestination {
   readonly #inner: ImageDestination
   readonly #counters: Counters
   readonly #dir: string
+  /** Whether the wrapped destination hard-links files from the cache directory (see #mayWriteDirect). */
+  #linksCacheFiles: Promise<boolean> | undefined
   readonly #background = new Set<Promise<unknown>>()
 
   /** Present only when the wrapped destination has it: stores signatures there. */
@@ -111,7 +113,8 @@ export class BlobCacheDestination implements ImageDestination {
       this.#ensureVariant(digest, info, opts)
       return result
     }
-    const writing = await this.#writerOptions(digest, name, info.size, opts, digestingStream(stream, digest))
+    const readBack = this.#inner.putBlobFromFile !== undefined
+    const writing = await this.#writerOptions(digest, name, info.size, readBack, opts, digestingStream(stream, digest))
     if (!writing) return this.#inner.putBlob(stream, info, opts)
     if (this.#inner.putBlobFromFile) return this.#putBlobThroughFile(stream, new CacheWriter(writing), { ...info, digest }, opts)
     const tee = new CacheTee(writing)
@@ -231,7 +234,7 @@ export class BlobCacheDestination implements ImageDestination {
       this.#ensureVariant(digest, info, opts)
       return result
     }
-    const writing = await this.#writerOptions(digest, name, info.size, opts)
+    const writing = await this.#writerOptions(digest, name, info.size, false, opts)
     if (!writing) return inner(path, info, opts)
     const tee = new CacheTee(writing)
     const discard = new Writable({ highWaterMark: HIGH_WATER_MARK, write: (_c, _e, cb) => cb() })
@@ -275,17 +278,39 @@ export class BlobCacheDestination implements ImageDestination {
    * What a CacheWriter (or CacheTee) for the entry `name` needs, with a new temporary file
    * (opened for reading too, see putThroughFile), or undefined (counted) when it cannot be made.
    */
-  async #writerOptions(digest: Digest, name: string, size: number, opts: PutBlobOptions, upstream?: DigestingStream): Promise<CacheTeeOptions | undefined> {
+  /**
+   * The options of a CacheWriter on a new temporary file for `name`, or undefined when none can
+   * be created (counted). A large blob's file is written with direct I/O (see direct-write.ts)
+   * unless something reads it again soon: the wrapped destination, when it takes the file
+   * (`readBack`) other than by a hard link, or the compressed variant `compress` mode makes.
+   */
+  async #writerOptions(
+    digest: Digest,
+    name: string,
+    size: number,
+    readBack: boolean,
+    opts: PutBlobOptions,
+    upstream?: DigestingStream,
+  ): Promise<CacheTeeOptions | undefined> {
     const path = tempPath(this.#dir, name)
     try {
       const handle = await open(path, 'wx+', FILE_MODE)
-      const direct = size < 0 || size >= DIRECT_MIN_BYTES ? await DirectWriter.open(handle) : undefined
+      const large = size < 0 || size >= DIRECT_MIN_BYTES
+      const direct = large && (await this.#mayWriteDirect(readBack)) ? await DirectWriter.open(handle) : undefined
       const onError = (what: string, err: unknown) => this.#error(what, err)
       return { dir: this.#dir, digest, name, file: { handle, path, direct }, decompress: !opts.isConfig, onError, upstream }
     } catch (err) {
       this.#error(`creating a temporary file for ${name}`, err)
       return undefined
     }
+  }
+
+  /** See #writerOptions: whether a cache file may skip the page cache. */
+  async #mayWriteDirect(readBack: boolean): Promise<boolean> {
+    if (this.reference.compress === 'compress') return false
+    if (!readBack) return true
+    this.#linksCacheFiles ??= sameDevice(this.#dir, this.#inner.linkDirectory)
+    return this.#linksCacheFiles
   }
 
   /**
@@ -348,5 +373,16 @@ export class BlobCacheDestination implements ImageDestination {
   #error(what: string, err: unknown): void {
     this.#counters.error()
     log('cache error: %s: %s', what, (err as Error)?.message ?? err)
+  }
+}
+
+/** True when `a` and `b` (when given) are on one device; false when either cannot be looked at. */
+async function sameDevice(a: string, b: string | undefined): Promise<boolean> {
+  if (b === undefined) return false
+  try {
+    const [x, y] = await Promise.all([stat(a), stat(b)])
+    return x.dev === y.dev
+  } catch {
+    return false
   }
 }

@@ -158,6 +158,11 @@ class DirDestination implements ImageDestination {
 
   constructor(readonly reference: DirReference) {}
 
+  /** putBlobFromFile hard-links a plain 0644 file from this directory's file system. */
+  get linkDirectory(): string {
+    return this.reference.resolvedPath
+  }
+
   supportedManifestMIMETypes(): undefined {
     return undefined
   }

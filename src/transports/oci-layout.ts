@@ -359,6 +359,11 @@ class OciLayoutDestination implements ImageDestination {
 
   constructor(readonly reference: OciLayoutReference) {}
 
+  /** putBlobFromFile hard-links a plain 0644 file from the layout's file system. */
+  get linkDirectory(): string {
+    return this.reference.resolvedDir
+  }
+
   /** OCI types only, as in containers/image: a copy converts Docker manifests first. */
   supportedManifestMIMETypes(): string[] {
     return [MediaType.ociManifest, MediaType.ociIndex]
