@@ -29,8 +29,8 @@ const SLACK = 4 << 20
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads')
 const { createHash } = require('node:crypto')
-const { createWriteStream, openSync, unlink } = require('node:fs')
-const { Transform, pipeline } = require('node:stream')
+const { close: fsClose, constants: fsc, createWriteStream, fstatSync, ftruncate, openSync, statfsSync, unlink, write: fsWrite } = require('node:fs')
+const { Transform, Writable, pipeline } = require('node:stream')
 const { createGunzip } = require('node:zlib')
 const CHUNK = 1 << 20
 const jobs = new Map()
@@ -39,7 +39,6 @@ const jobs = new Map()
 // memory, with O_DIRECT through a second descriptor of the open file, the tail padded and the
 // size set by ftruncate; a failed direct write goes again, and every later one goes, through
 // the plain descriptor. Where that cannot be had, a plain write stream.
-const { write: fsWrite, ftruncate, close: fsClose, fstatSync, statfsSync, constants: fsc } = require('node:fs')
 const REMOTE = new Set([${REMOTE_FILE_SYSTEM_TYPES.join(', ')}])
 const remoteDevices = new Map()
 function onRemote(fd) {
@@ -51,7 +50,6 @@ function onRemote(fd) {
     return false
   }
 }
-const { Writable } = require('node:stream')
 const ALIGN = 4096
 const freeStages = []
 function newStage() {

@@ -33,7 +33,6 @@ function wasmMemory(): WasmMemory | undefined {
   return (globalThis as { WebAssembly?: { Memory: WasmMemory } }).WebAssembly?.Memory
 }
 
-const freeStages: Buffer[] = []
 /**
  * File systems whose direct writes are synchronous trips to a server (or a userspace daemon), by
  * statfs magic number: there the page cache, which batches and writes behind, stays in use.
@@ -62,6 +61,9 @@ const devices = new Map<number, string | null>()
 
 /** Why direct writes cannot be had in this process, once that is known. */
 let unavailable: string | undefined
+
+/** Free stages, page-aligned views of WebAssembly memories. */
+const freeStages: Buffer[] = []
 
 function takeStage(): Buffer {
   const free = freeStages.pop()
