@@ -124,10 +124,10 @@ export class DirectWriter {
   static async open(plain: FileHandle, opts: DirectWriterOptions = {}): Promise<DirectWriter | undefined> {
     const setting = process.env.BLOBCACHE_DIRECT_IO
     if (setting === '0' && !opts.reopen) return undefined
-    const why = opts.reopen ? undefined : unavailable
-    const writer = why ? undefined : await DirectWriter.#open(plain, opts)
+    const known = unavailable !== undefined && !opts.reopen
+    const writer = known ? undefined : await DirectWriter.#open(plain, opts)
     if (!writer && setting === '1') {
-      throw Object.assign(new Error(`no direct writes (BLOBCACHE_DIRECT_IO=1 asks for them): ${why ?? unavailable ?? 'see DEBUG=blobcache:io:*'}`), { code: 'ENOTSUP' })
+      throw Object.assign(new Error(`no direct writes (BLOBCACHE_DIRECT_IO=1 asks for them): ${unavailable ?? 'see DEBUG=blobcache:io:*'}`), { code: 'ENOTSUP' })
     }
     return writer
   }
