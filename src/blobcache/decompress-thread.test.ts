@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import { readdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { gzipSync } from 'node:zlib'
+import { crc32, deflateRawSync, gunzipSync, gzipSync } from 'node:zlib'
 import { describe, expect, it } from 'vitest'
 import { testDir } from '../../test/helpers/conformance.js'
 import { digestOf } from '../digest.js'
@@ -93,6 +93,97 @@ describe('decompression thread (gzip)', () => {
   })
 })
 
+// A gzip member written by hand (RFC 1952), with the optional header fields the thread must skip.
+function member(plain: Buffer, fields: { extra?: Buffer; name?: string; comment?: string; headerCrc?: boolean } = {}): Buffer {
+  const flags = (fields.headerCrc ? 2 : 0) | (fields.extra ? 4 : 0) | (fields.name !== undefined ? 8 : 0) | (fields.comment !== undefined ? 16 : 0)
+  const parts = [Buffer.from([0x1f, 0x8b, 8, flags, 1, 2, 3, 4, 0, 3])]
+  if (fields.extra) parts.push(Buffer.from([fields.extra.length & 0xff, fields.extra.length >> 8]), fields.extra)
+  if (fields.name !== undefined) parts.push(Buffer.from(`${fields.name}\0`, 'latin1'))
+  if (fields.comment !== undefined) parts.push(Buffer.from(`${fields.comment}\0`, 'latin1'))
+  if (fields.headerCrc) {
+    const crc = Buffer.alloc(2)
+    crc.writeUInt16LE(crc32(Buffer.concat(parts)) & 0xffff)
+    parts.push(crc)
+  }
+  const trailer = Buffer.alloc(8)
+  trailer.writeUInt32LE(crc32(plain), 0)
+  trailer.writeUInt32LE(plain.length % 2 ** 32, 4)
+  return Buffer.concat([...parts, deflateRawSync(plain), trailer])
+}
+
+/** What Node's own gunzip makes of input: the bytes, or the error's code. */
+function nodeGunzip(input: Buffer): { plain: Buffer } | { code: string } {
+  try {
+    return { plain: gunzipSync(input) }
+  } catch (err) {
+    return { code: (err as NodeJS.ErrnoException).code! }
+  }
+}
+
+describe('decompression thread: the gzip format (raw inflate, members parsed by the thread)', () => {
+  const text = Buffer.from('layer bytes '.repeat(5000))
+  const noise = randomBytes(40_000)
+  const full = member(text, { extra: randomBytes(300), name: 'layer.tar', comment: 'a comment', headerCrc: true })
+  const cases: [string, Buffer][] = [
+    ['every optional header field', full],
+    ['three members, one empty', Buffer.concat([member(text, { name: 'a' }), member(Buffer.alloc(0)), gzipSync(noise)])],
+    ['zero bytes after the last member, then anything', Buffer.concat([gzipSync(text), Buffer.alloc(100), Buffer.from('ignored')])],
+    ['an empty FEXTRA, FNAME and FCOMMENT', member(noise, { extra: Buffer.alloc(0), name: '', comment: '' })],
+    ['bytes after a member that are not a member', Buffer.concat([gzipSync(text), Buffer.from('garbage')])],
+    ['a second member with another method', Buffer.concat([gzipSync(text), Buffer.from([0x1f, 0x8b, 7, 0, 0, 0, 0, 0, 0, 3])])],
+    ['reserved flag bits', Buffer.concat([Buffer.from([0x1f, 0x8b, 8, 0x20]), gzipSync(text).subarray(4)])],
+    ['a wrong ISIZE', Buffer.concat([gzipSync(text).subarray(0, -1), Buffer.from([1])])],
+    ['truncated in the header', full.subarray(0, 200)],
+    ['truncated in the deflate data', full.subarray(0, full.length - 500)],
+    ['truncated in the trailer', full.subarray(0, full.length - 3)],
+    ['a member cut after its deflate data', gzipSync(noise).subarray(0, -8)],
+    ['no bytes at all', Buffer.alloc(0)],
+  ]
+
+  it.each(cases)('reads %s as Node gunzip does, whatever the pieces', async (_name, input) => {
+    const expected = nodeGunzip(input)
+    for (const pieceBytes of [1, 7, 4093, PIECE_BYTES]) {
+      // pieces of one byte only for the small inputs (each is a message to the thread)
+      if (pieceBytes === 1 && input.length > 3000) continue
+      const dir = await testDir()
+      const { file, errors } = await run(dir, input, pieceBytes)
+      if ('plain' in expected) {
+        expect(errors).toEqual([])
+        expect(file?.digest).toBe(digestOf(expected.plain))
+        expect((await readFile(file!.tmp)).equals(expected.plain)).toBe(true)
+      } else {
+        expect(file).toBeUndefined()
+        expect(errors.map((e) => (e as NodeJS.ErrnoException).code)).toEqual([expected.code])
+        expect(await readdir(dir)).toEqual([])
+      }
+    }
+  })
+
+  it('does not compute the crc32 of the output: the blob\'s sha256 covers its bytes (Node gunzip refuses a wrong one)', async () => {
+    const input = gzipSync(text)
+    input.writeUInt32LE((input.readUInt32LE(input.length - 8) ^ 1) >>> 0, input.length - 8)
+    expect(nodeGunzip(input)).toEqual({ code: 'Z_DATA_ERROR' })
+    const { file, errors } = await run(await testDir(), input, 4093)
+    expect(errors).toEqual([])
+    expect(file?.digest).toBe(digestOf(text))
+  })
+
+  it('bytes cut at every place of a member: each cut is read, or refused, as Node gunzip does', async () => {
+    const small = member(Buffer.from('0123456789'.repeat(30)), { extra: Buffer.from('xx'), name: 'n', comment: 'c', headerCrc: true })
+    const dir = await testDir()
+    for (let cut = 0; cut <= small.length; cut += 3) {
+      const input = small.subarray(0, cut)
+      const expected = nodeGunzip(input)
+      const { file, errors } = await run(dir, input, 5)
+      expect({ cut, ok: file !== undefined, codes: errors.map((e) => (e as NodeJS.ErrnoException).code) }).toEqual({
+        cut,
+        ok: 'plain' in expected,
+        codes: 'plain' in expected ? [] : [expected.code],
+      })
+    }
+  })
+})
+
 describe('the decompression thread and the process', () => {
   it('a process that decompressed a layer on the thread exits by itself once done (the idle thread holds nothing)', async () => {
     const { spawn } = await import('node:child_process')
@@ -102,7 +193,7 @@ describe('the decompression thread and the process', () => {
     const script = `
       import { mkdirSync } from 'node:fs'
       import { Readable } from 'node:stream'
-      import { gzipSync } from 'node:zlib'
+      import { crc32, deflateRawSync, gunzipSync, gzipSync } from 'node:zlib'
       import { BlobCache, digestOf, dir } from ${JSON.stringify(dist)}
       mkdirSync(${JSON.stringify(`${dir}/cache`)})
       const cache = new BlobCache(dir.parseReference(${JSON.stringify(`${dir}/out`)}), ${JSON.stringify(`${dir}/cache`)})
