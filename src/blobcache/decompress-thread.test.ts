@@ -96,7 +96,7 @@ describe('decompression thread (gzip)', () => {
 // A gzip member written by hand (RFC 1952), with the optional header fields the thread must skip.
 function member(plain: Buffer, fields: { extra?: Buffer; name?: string; comment?: string; headerCrc?: boolean } = {}): Buffer {
   const flags = (fields.headerCrc ? 2 : 0) | (fields.extra ? 4 : 0) | (fields.name !== undefined ? 8 : 0) | (fields.comment !== undefined ? 16 : 0)
-  const parts = [Buffer.from([0x1f, 0x8b, 8, flags, 1, 2, 3, 4, 0, 3])]
+  const parts: Buffer[] = [Buffer.from([0x1f, 0x8b, 8, flags, 1, 2, 3, 4, 0, 3])]
   if (fields.extra) parts.push(Buffer.from([fields.extra.length & 0xff, fields.extra.length >> 8]), fields.extra)
   if (fields.name !== undefined) parts.push(Buffer.from(`${fields.name}\0`, 'latin1'))
   if (fields.comment !== undefined) parts.push(Buffer.from(`${fields.comment}\0`, 'latin1'))
