@@ -1,11 +1,11 @@
 import { execFileSync } from 'node:child_process'
 import { createWriteStream } from 'node:fs'
-import { mkdir, mkdtemp, readFile, rm, symlink, utimes, writeFile, appendFile } from 'node:fs/promises'
+import { mkdir, mkdtemp, readFile, readdir, rm, symlink, utimes, writeFile, appendFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Readable } from 'node:stream'
 import { describe, expect, it, onTestFinished } from 'vitest'
-import { openTarIndex, writeTar, type TarWriteEntry } from './tar.js'
+import { openTarIndex, writeTar, writeTarFile, type TarWriteEntry } from './tar.js'
 
 async function tempDir(): Promise<string> {
   const d = await mkdtemp(join(tmpdir(), 'blobcache-tar-'))
@@ -112,6 +112,44 @@ describe('writeTar', () => {
       yield fileEntry('b', 'b')
     }
     await expect(writeTar(gen(), createWriteStream(join(dir, 'a.tar')), { signal: ac.signal })).rejects.toThrow('stop')
+  })
+})
+
+describe('writeTarFile', () => {
+  // several MiB, so that the file is flushed to disk in the background while it is written
+  const layer = Buffer.alloc(20 << 20, 3)
+  layer.write('a layer', 5 << 20)
+  const entries = (): TarWriteEntry[] => [fileEntry('oci-layout', '{}'), { path: 'blobs', type: 'dir' }, fileEntry('blobs/layer', layer)]
+
+  it('writes the same bytes as writeTar, replaces the file there, and leaves no temporary file', async () => {
+    const dir = await tempDir()
+    const target = join(dir, 'image.tar')
+    await writeFile(target, 'an older archive')
+    await writeTarFile(target, entries())
+    await new Promise<void>((resolve, reject) => {
+      writeTar(entries(), createWriteStream(join(dir, 'stream.tar'))).then(resolve, reject)
+    })
+    const [got, want] = await Promise.all([readFile(target), readFile(join(dir, 'stream.tar'))])
+    expect(got.equals(want)).toBe(true)
+    expect(tar(['-tvf', target], dir)).toContain(` ${layer.length} `)
+    expect((await readdir(dir)).sort()).toEqual(['image.tar', 'stream.tar'])
+  })
+
+  it('an entry of the wrong size, or an abort midway, leaves the old file and no temporary file', async () => {
+    const dir = await tempDir()
+    const target = join(dir, 'image.tar')
+    await writeFile(target, 'an older archive')
+    const short = fileEntry('blobs/layer', layer, { size: layer.length + 1 })
+    await expect(writeTarFile(target, [fileEntry('a', 'b'), short])).rejects.toMatchObject({ code: 'SIZE_INVALID' })
+    const ac = new AbortController()
+    async function* slow(): AsyncGenerator<TarWriteEntry> {
+      yield fileEntry('blobs/layer', layer)
+      ac.abort(new Error('stop'))
+      yield fileEntry('more', 'x')
+    }
+    await expect(writeTarFile(target, slow(), { signal: ac.signal })).rejects.toThrow('stop')
+    expect(await readFile(target, 'utf8')).toBe('an older archive')
+    expect(await readdir(dir)).toEqual(['image.tar'])
   })
 })
 

@@ -8,11 +8,11 @@
 import { randomBytes } from 'node:crypto'
 import { open as openFile, rename, rm, stat, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
-import { Readable, type Writable } from 'node:stream'
+import { Readable, Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import debug from 'debug'
 import { ImageError, type ErrorCode } from './errors.js'
-import { openNewFile } from './io/new-file.js'
+import { BlobFile } from './io/blob-file.js'
 
 const log = debug('blobcache:tar')
 
@@ -560,7 +560,9 @@ export async function writeTar(
 /**
  * Writes a tar file atomically: the archive goes to `.tmp-<name>-<random>` beside `target`, is
  * synced, and is renamed over `target` (replacing any file there). On any failure or abort
- * (which rejects with `signal.reason`) the temp file is removed and `target` is untouched.
+ * (which rejects with `signal.reason`) the temp file is removed and `target` is untouched. The
+ * file is flushed to disk in the background as it grows (see {@link BlobFile}), so that the
+ * final fsync does not write the whole archive at the very end.
  */
 export async function writeTarFile(
   target: string,
@@ -570,20 +572,30 @@ export async function writeTarFile(
   const { signal } = opts
   signal?.throwIfAborted()
   const tmp = join(dirname(target), `.tmp-${basename(target)}-${randomBytes(8).toString('hex')}`)
+  let file: BlobFile | undefined
   try {
-    await writeTar(entries, await openNewFile(tmp, { highWaterMark: CHUNK }), { signal })
-    const handle = await openFile(tmp, 'r+')
-    try {
-      await handle.sync()
-    } finally {
-      await handle.close()
-    }
+    const out = await BlobFile.create(tmp, { flush: true })
+    file = out
+    // the blocks are fresh buffers (headers, padding, reads of the entries), never changed after
+    const sink = new Writable({
+      highWaterMark: CHUNK,
+      write(chunk: Buffer, _encoding, cb) {
+        if (out.failure) return cb(out.failure)
+        if (out.write(chunk, () => cb())) cb()
+      },
+      final(cb) {
+        out.finish().then(() => cb(), cb)
+      },
+    })
+    await writeTar(entries, sink, { signal })
+    await out.sync()
     signal?.throwIfAborted()
     await rename(tmp, target)
     log('wrote %s', target)
   } catch (err) {
     throw signal?.aborted ? signal.reason : err
   } finally {
+    await file?.close()
     await rm(tmp, { force: true })
   }
 }

@@ -5,7 +5,7 @@
 // Not root (or no tmpfs allowed): skipped with a notice.
 import { execFileSync } from 'node:child_process'
 import { createReadStream } from 'node:fs'
-import { mkdir, mkdtemp, readdir, rm, statfs, writeFile } from 'node:fs/promises'
+import { mkdir, mkdtemp, readFile, readdir, rm, statfs, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -13,6 +13,7 @@ import { BlobCache } from '../../src/blobcache/index.js'
 import { copyImage } from '../../src/copy.js'
 import { isImageError } from '../../src/errors.js'
 import { ImageCache } from '../../src/image-cache/index.js'
+import { OciArchiveReference } from '../../src/transports/oci-archive.js'
 import { OciLayoutReference } from '../../src/transports/oci-layout.js'
 import { recordFigures } from '../helpers/children.js'
 import { checkBlobCacheDir, checkLayoutDir, entryNames, treeOf } from '../helpers/invariants.js'
@@ -152,6 +153,30 @@ describe.skipIf(!isRoot)('a full disk under the blob cache', () => {
       expect(report.damage).toEqual([])
       expect(report.leftovers).toEqual([])
       expect(entryNames(report)).toEqual(['small'])
+    } finally {
+      await clearTmpfs()
+    }
+  })
+
+  it('an oci-archive: destination on a full disk fails, leaving the archive that was there and no temporary file', async (ctx) => {
+    if (!mounted) ctx.skip()
+    const dir = await onTmpfs('archive')
+    try {
+      const target = join(dir, 'image.tar')
+      await writeFile(target, 'the archive that was there')
+      // the archive would fit in the 2 MiB: leave it 256 KiB
+      await writeFile(join(dir, 'filler'), Buffer.alloc(Math.max(0, (await available(dir)) - (256 << 10))))
+      // staged in the test's directory, packed onto the full disk at commit
+      const err = await copyImage(new OciLayoutReference(join(root, 'src'), 'img-0'), new OciArchiveReference(target, 'big'), {
+        destCtx: { tmpDir: root },
+      }).then(
+        () => undefined,
+        (e: unknown) => e,
+      )
+      expect((err as NodeJS.ErrnoException | undefined)?.code).toBe('ENOSPC')
+      figures.destinationFailures++
+      expect((await readdir(dir)).sort()).toEqual(['filler', 'image.tar'])
+      expect(await readFile(target, 'utf8')).toBe('the archive that was there')
     } finally {
       await clearTmpfs()
     }
