@@ -66,7 +66,7 @@ export function proxyFor(url: URL, config: ProxyConfig): URL | undefined {
 /** True when `host` (a URL hostname: IPv6 in brackets) is not to be proxied. */
 export function bypassed(hostname: string, port: string, noProxy: string): boolean {
   const host = hostname.toLowerCase().replace(/^\[(.*)\]$/, '$1')
-  if (host === 'localhost' || isLoopback(host)) return true
+  if (isLoopbackHost(host)) return true
   for (const raw of noProxy.split(',')) {
     let entry = raw.trim().toLowerCase()
     if (entry === '') continue
@@ -102,6 +102,12 @@ export function bypassed(hostname: string, port: string, noProxy: string): boole
     }
   }
   return false
+}
+
+/** True for `localhost` and loopback addresses (a URL hostname: IPv6 in brackets or not). */
+export function isLoopbackHost(hostname: string): boolean {
+  const host = hostname.toLowerCase().replace(/^\[(.*)\]$/, '$1')
+  return host === 'localhost' || isLoopback(host)
 }
 
 function isLoopback(host: string): boolean {
