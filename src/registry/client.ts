@@ -387,9 +387,18 @@ export class RegistryClient {
       const certs = dir === undefined ? undefined : await readCertDir(dir)
       const own = certs !== undefined && (certs.authorities.length > 0 || certs.client !== undefined)
       const key = own ? `${this.tlsVerify}:${certs.dir}` : String(this.tlsVerify)
-      // one context per setting and directory in the process, like the pool it goes with
-      if (!contexts.has(key)) contexts.set(key, secureContextFor(this.tlsVerify, certs))
-      return { verify: this.tlsVerify, key, context: contexts.get(key), proxies: proxyConfig(this.#env ?? process.env) }
+      const verify = this.tlsVerify
+      return {
+        verify,
+        key,
+        // one context per setting and directory in the process, like the pool it goes with;
+        // made when a TLS connection first needs it (a plain-HTTP registry never does)
+        get context() {
+          if (!contexts.has(key)) contexts.set(key, secureContextFor(verify, certs))
+          return contexts.get(key)
+        },
+        proxies: proxyConfig(this.#env ?? process.env),
+      }
     })()
     return this.#tlsProfile
   }
@@ -491,7 +500,7 @@ export class RegistryClient {
       try {
         const tls = await this.#tls()
         const direct = req.direct && method === 'GET' && body === undefined && !proxyFor(url, tls.proxies)
-          ? await directGet(url, { headers, signal: req.signal, allocate: req.direct.allocate }, { verify: tls.verify, context: tls.context, idleTimeout: IDLE_TIMEOUT })
+          ? await directGet(url, { headers, signal: req.signal, allocate: req.direct.allocate }, { verify: tls.verify, context: url.protocol === 'https:' ? tls.context : undefined, idleTimeout: IDLE_TIMEOUT })
           : undefined
         res = direct ?? (await exchange(url, { method, headers, body, signal: req.signal }, tls))
       } catch (err) {
