@@ -121,11 +121,25 @@ describe('writeTarFile', () => {
   layer.write('a layer', 5 << 20)
   const entries = (): TarWriteEntry[] => [fileEntry('oci-layout', '{}'), { path: 'blobs', type: 'dir' }, fileEntry('blobs/layer', layer)]
 
-  it('writes the same bytes as writeTar, replaces the file there, and leaves no temporary file', async () => {
+  // with direct writes where the file system has them, and through the page cache
+  const settings = [undefined, '0']
+  async function withDirectIo<T>(setting: string | undefined, run: () => Promise<T>): Promise<T> {
+    const before = process.env.BLOBCACHE_DIRECT_IO
+    if (setting === undefined) delete process.env.BLOBCACHE_DIRECT_IO
+    else process.env.BLOBCACHE_DIRECT_IO = setting
+    try {
+      return await run()
+    } finally {
+      if (before === undefined) delete process.env.BLOBCACHE_DIRECT_IO
+      else process.env.BLOBCACHE_DIRECT_IO = before
+    }
+  }
+
+  it.each(settings)('writes the same bytes as writeTar, replaces the file there, and leaves no temporary file (BLOBCACHE_DIRECT_IO=%s)', async (setting) => {
     const dir = await tempDir()
     const target = join(dir, 'image.tar')
     await writeFile(target, 'an older archive')
-    await writeTarFile(target, entries())
+    await withDirectIo(setting, () => writeTarFile(target, entries()))
     await new Promise<void>((resolve, reject) => {
       writeTar(entries(), createWriteStream(join(dir, 'stream.tar'))).then(resolve, reject)
     })
@@ -135,19 +149,19 @@ describe('writeTarFile', () => {
     expect((await readdir(dir)).sort()).toEqual(['image.tar', 'stream.tar'])
   })
 
-  it('an entry of the wrong size, or an abort midway, leaves the old file and no temporary file', async () => {
+  it.each(settings)('an entry of the wrong size, or an abort midway, leaves the old file and no temporary file (BLOBCACHE_DIRECT_IO=%s)', async (setting) => {
     const dir = await tempDir()
     const target = join(dir, 'image.tar')
     await writeFile(target, 'an older archive')
     const short = fileEntry('blobs/layer', layer, { size: layer.length + 1 })
-    await expect(writeTarFile(target, [fileEntry('a', 'b'), short])).rejects.toMatchObject({ code: 'SIZE_INVALID' })
+    await expect(withDirectIo(setting, () => writeTarFile(target, [fileEntry('a', 'b'), short]))).rejects.toMatchObject({ code: 'SIZE_INVALID' })
     const ac = new AbortController()
     async function* slow(): AsyncGenerator<TarWriteEntry> {
       yield fileEntry('blobs/layer', layer)
       ac.abort(new Error('stop'))
       yield fileEntry('more', 'x')
     }
-    await expect(writeTarFile(target, slow(), { signal: ac.signal })).rejects.toThrow('stop')
+    await expect(withDirectIo(setting, () => writeTarFile(target, slow(), { signal: ac.signal }))).rejects.toThrow('stop')
     expect(await readFile(target, 'utf8')).toBe('an older archive')
     expect(await readdir(dir)).toEqual(['image.tar'])
   })

@@ -13,6 +13,7 @@ import { pipeline } from 'node:stream/promises'
 import debug from 'debug'
 import { ImageError, type ErrorCode } from './errors.js'
 import { BlobFile } from './io/blob-file.js'
+import { DirectWriter } from './io/direct-write.js'
 
 const log = debug('blobcache:tar')
 
@@ -560,9 +561,7 @@ export async function writeTar(
 /**
  * Writes a tar file atomically: the archive goes to `.tmp-<name>-<random>` beside `target`, is
  * synced, and is renamed over `target` (replacing any file there). On any failure or abort
- * (which rejects with `signal.reason`) the temp file is removed and `target` is untouched. The
- * file is flushed to disk in the background as it grows (see {@link BlobFile}), so that the
- * final fsync does not write the whole archive at the very end.
+ * (which rejects with `signal.reason`) the temp file is removed and `target` is untouched.
  */
 export async function writeTarFile(
   target: string,
@@ -572,30 +571,68 @@ export async function writeTarFile(
   const { signal } = opts
   signal?.throwIfAborted()
   const tmp = join(dirname(target), `.tmp-${basename(target)}-${randomBytes(8).toString('hex')}`)
-  let file: BlobFile | undefined
   try {
-    const out = await BlobFile.create(tmp, { flush: true })
-    file = out
-    // the blocks are fresh buffers (headers, padding, reads of the entries), never changed after
-    const sink = new Writable({
-      highWaterMark: CHUNK,
-      write(chunk: Buffer, _encoding, cb) {
-        if (out.failure) return cb(out.failure)
-        if (out.write(chunk, () => cb())) cb()
-      },
-      final(cb) {
-        out.finish().then(() => cb(), cb)
-      },
-    })
-    await writeTar(entries, sink, { signal })
-    await out.sync()
+    await writeDurably(tmp, entries, signal)
     signal?.throwIfAborted()
     await rename(tmp, target)
     log('wrote %s', target)
   } catch (err) {
     throw signal?.aborted ? signal.reason : err
   } finally {
-    await file?.close()
     await rm(tmp, { force: true })
+  }
+}
+
+/**
+ * Writes the archive into the new file `path` and fsyncs it. Where the file system allows, with
+ * O_DIRECT (see {@link DirectWriter}): an archive is rarely read back at once, and written
+ * through the page cache it costs fresh pages, and then a final fsync of everything (on the
+ * development VM, oci -> oci-archive took 0.44 s this way, against 0.57 s with background
+ * flushes and 0.50 s with neither, alternated with skopeo). Otherwise through the page cache,
+ * flushed to disk in the background as it grows (see {@link BlobFile}).
+ */
+async function writeDurably(path: string, entries: AsyncIterable<TarWriteEntry> | Iterable<TarWriteEntry>, signal?: AbortSignal): Promise<void> {
+  const handle = await openFile(path, 'wx', 0o644)
+  let direct: DirectWriter | undefined
+  try {
+    // BLOBCACHE_DIRECT_IO=1 (direct writes required) is the cache's check: an archive goes on without
+    direct = await DirectWriter.open(handle).catch(() => undefined)
+    if (direct) {
+      const writer = direct
+      const sink = new Writable({
+        highWaterMark: CHUNK,
+        write(chunk: Buffer, _encoding, cb) {
+          writer.write(chunk).then(() => cb(), cb)
+        },
+        final(cb) {
+          writer.end().then(() => cb(), cb)
+        },
+      })
+      await writeTar(entries, sink, { signal })
+      await handle.sync()
+      return
+    }
+  } finally {
+    await direct?.close()
+    await handle.close()
+  }
+  await rm(path, { force: true })
+  const file = await BlobFile.create(path, { flush: true })
+  try {
+    // the blocks are fresh buffers (headers, padding, reads of the entries), never changed after
+    const sink = new Writable({
+      highWaterMark: CHUNK,
+      write(chunk: Buffer, _encoding, cb) {
+        if (file.failure) return cb(file.failure)
+        if (file.write(chunk, () => cb())) cb()
+      },
+      final(cb) {
+        file.finish().then(() => cb(), cb)
+      },
+    })
+    await writeTar(entries, sink, { signal })
+    await file.sync()
+  } finally {
+    await file.close()
   }
 }
