@@ -414,35 +414,29 @@ export class RegistryClient {
     const failed = (scheme: string, err: unknown) => log('ping %s://%s/v2/ failed: %s', scheme, this.host, (err as Error).message)
     const unreachable = (cause: unknown) =>
       new RegistryError({ status: 0, registry: this.registry, repository: '', action: `pinging the registry over ${schemes.join(' and ')}`, kind: 'ping', cause })
+    // The plain-HTTP answer, used only when HTTPS gives none.
+    let plain: Promise<PingAnswer> | undefined
     if (!this.tlsVerify && isLoopbackHost(new URL(`http://${this.host}`).hostname)) {
       // On this machine's loopback, TLS that is not verified protects nothing (no wire, and no
       // one to trust), so plain HTTP is asked first, and HTTPS only when that gives no
       // registry's answer: a plain-HTTP registry then never costs a TLS module, context and
       // handshake (about 8 ms of a re-push). Docker also takes loopback registries as insecure.
-      let plain: PingAnswer | undefined
       try {
-        plain = await attempt('http')
-        if (isRegistryAnswer(plain.res.statusCode)) return this.#pinged(plain)
+        const first = await attempt('http')
+        if (isRegistryAnswer(first.res.statusCode)) return this.#pinged(first)
+        plain = Promise.resolve(first)
       } catch (err) {
         failed('http', err)
         if (signal.aborted) throw unreachable(err)
       }
-      let tls: PingAnswer
-      try {
-        tls = await attempt('https')
-      } catch (err) {
-        failed('https', err)
-        if (!plain) throw unreachable(err)
-        return this.#pinged(plain)
-      }
-      return this.#pinged(tls)
+    } else if (schemes.length > 1) {
+      // Elsewhere, without TLS verification, plain HTTP is asked at the same time (a ping
+      // carries no credentials): HTTPS still wins. The plain request is sent first: it is cheap
+      // to set up, while the TLS one is (module, context, socket) a few ms of work that its
+      // answer then has to wait for anyway.
+      plain = attempt('http')
+      plain.catch(() => {})
     }
-    // Without TLS verification plain HTTP is asked at the same time (a ping carries no
-    // credentials), and its answer is used only when HTTPS gives none: HTTPS still wins. The
-    // plain request is sent first: it is cheap to set up, while the TLS one is (module, context,
-    // socket) a few ms of work that its answer then has to wait for anyway.
-    const plain = schemes.length > 1 ? attempt('http') : undefined
-    plain?.catch(() => {})
     let tls: PingAnswer
     try {
       tls = await attempt('https')
