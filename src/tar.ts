@@ -595,7 +595,8 @@ async function writeDurably(path: string, entries: AsyncIterable<TarWriteEntry> 
   const handle = await openFile(path, 'wx', 0o644)
   let direct: DirectWriter | undefined
   try {
-    // BLOBCACHE_DIRECT_IO=1 (direct writes required) is the cache's check: an archive goes on without
+    // with BLOBCACHE_DIRECT_IO=1, open rejects where there are no direct writes: that setting
+    // checks the cache's files, and an archive is then written without them
     direct = await DirectWriter.open(handle).catch(() => undefined)
     if (direct) {
       const writer = direct

@@ -103,6 +103,7 @@ interface PingAnswer {
 
 /** The statuses a registry answers `/v2/` with: 200, or 401 with a challenge. */
 const isRegistryAnswer = (status: number | undefined) => status === 200 || status === 401
+
 /** Most bytes {@link discard} reads to keep a connection; a longer rest closes it instead. */
 const DISCARD_LIMIT = 256 << 10
 
