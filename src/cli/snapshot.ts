@@ -8,7 +8,7 @@
 // Nothing may depend on the environment of the build at run time: the modules read none at load
 // time, except `debug`, which reads DEBUG (bin/blobcache starts dist/cli.js instead when DEBUG or
 // DEBUG_* is set; the namespaces are read again here all the same).
-import { dirname, join } from 'node:path'
+import { dirname, resolve } from 'node:path'
 import { Writable } from 'node:stream'
 import { startupSnapshot } from 'node:v8'
 import debug from 'debug'
@@ -25,7 +25,7 @@ if (!startupSnapshot.isBuildingSnapshot()) {
     // packages (zstd-napi, cli-progress) are found from the dist/ the snapshot is started from
     const at = process.execArgv.findIndex((a) => a === '--snapshot-blob' || a.startsWith('--snapshot-blob='))
     const blob = at < 0 ? undefined : process.execArgv[at].includes('=') ? process.execArgv[at].split('=')[1] : process.execArgv[at + 1]
-    if (blob) setRequireBase(join(dirname(blob), 'cli-snapshot.cjs'))
+    if (blob) setRequireBase(resolve(dirname(blob), 'cli-snapshot.cjs'))
     // argv is [node, ...ARGS]: bin/blobcache passes `--` so that Node takes none of them
     runProcess(process.argv.slice(1))
   })

@@ -76,6 +76,10 @@ describe.skipIf(!built)('bin/blobcache and the startup snapshot', () => {
     expect(r.code).toBe(0)
     const pkg = JSON.parse(await readFile(join(ROOT, 'package.json'), 'utf8'))
     expect(r.stdout.trim()).toBe(pkg.version)
+    // started by hand, with the snapshot named relative to the working directory
+    const { DEBUG: _d, ...env } = process.env
+    const byHand = await collect(spawn(process.execPath, ['--snapshot-blob', 'dist/cli.blob', '--', '--version'], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], env }))
+    expect(byHand).toEqual({ code: 0, stdout: `${pkg.version}\n`, stderr: '' })
   })
 
   it('from the snapshot: the same help, usage errors and failures as dist/cli.js', async () => {
