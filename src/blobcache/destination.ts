@@ -275,12 +275,8 @@ export class BlobCacheDestination implements ImageDestination {
   }
 
   /**
-   * What a CacheWriter (or CacheTee) for the entry `name` needs, with a new temporary file
-   * (opened for reading too, see putThroughFile), or undefined (counted) when it cannot be made.
-   */
-  /**
-   * The options of a CacheWriter on a new temporary file for `name`, or undefined when none can
-   * be created (counted). A large blob's file is written with direct I/O (see direct-write.ts)
+   * The options of a CacheWriter on a new temporary file for `name` (opened for reading too, see
+   * putThroughFile), or undefined when none can be created (counted). A large blob's file is written with direct I/O (see direct-write.ts)
    * unless something reads it again soon: the wrapped destination, when it takes the file
    * (`readBack`) other than by a hard link, or the compressed variant `compress` mode makes.
    */
