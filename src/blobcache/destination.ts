@@ -276,9 +276,10 @@ export class BlobCacheDestination implements ImageDestination {
 
   /**
    * The options of a CacheWriter on a new temporary file for `name` (opened for reading too, see
-   * putThroughFile), or undefined when none can be created (counted). A large blob's file is written with direct I/O (see direct-write.ts)
-   * unless something reads it again soon: the wrapped destination, when it takes the file
-   * (`readBack`) other than by a hard link, or the compressed variant `compress` mode makes.
+   * putThroughFile), or undefined when none can be created (counted). A large blob's file is
+   * written with direct I/O (see direct-write.ts) unless something reads it again soon: the
+   * wrapped destination, when it takes the file (`readBack`) other than by a hard link, or the
+   * compressed variant `compress` mode makes.
    */
   async #writerOptions(
     digest: Digest,
