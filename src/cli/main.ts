@@ -13,7 +13,6 @@ export type { CliIO } from './io.js'
 /** Exit code of a run that was interrupted twice (128 + SIGINT). */
 const EXIT_INTERRUPTED = 130
 
-/** Builds the command tree for one run. Every command reports through `ctx`. */
 /** The subcommands, each added by its own function. */
 const COMMANDS: Record<string, (program: Command, ctx: RunContext) => void> = {
   copy: addCopyCommand,
@@ -23,8 +22,9 @@ const COMMANDS: Record<string, (program: Command, ctx: RunContext) => void> = {
 }
 
 /**
- * The command tree. With `only` (the subcommand a command line names) just that subcommand is
- * built: a short command does not pay for the options of all the others (about 2 ms).
+ * Builds the command tree for one run; every command reports through `ctx`. With `only` (the
+ * subcommand a command line names) just that subcommand is built: a short command does not pay
+ * for the options of all the others (about 2 ms).
  */
 export function createProgram(ctx: RunContext, only?: string): Command {
   const { io } = ctx
