@@ -451,6 +451,76 @@ describe('copyImage (memory transport)', () => {
   })
 })
 
+describe('copyImage: a destination that already has the manifest (hasManifest)', () => {
+  it('writes nothing when the name already holds the manifest the copy would write', async () => {
+    const store = new MemoryStore()
+    const mem = memoryTransport(store)
+    const dst = memoryTransport(store, { hasManifest: true, desiredLayerCompression: 'compress' })
+    const image = await writeRandomImage(mem.parseReference('src'), { layers: 2 })
+    const first = await copyImage(mem.parseReference('src'), dst.parseReference('dst'))
+    expect(first).toMatchObject({ present: [], reused: 3 })
+    expect(store.manifestChecks).toEqual([`dst ${image.manifestDigest}`])
+    const events: CopyProgressEvent[] = []
+    const again = await copyImage(mem.parseReference('src'), dst.parseReference('dst'), { onProgress: (e) => events.push(e) })
+    expect(again).toMatchObject({ digest: image.manifestDigest, copied: 0, reused: 0, bytes: 0, present: [image.manifestDigest] })
+    expect(again.manifest.equals(image.manifest)).toBe(true)
+    expect(events).toEqual([])
+    // rewriteExisting: not even asked
+    const forced = await copyImage(mem.parseReference('src'), dst.parseReference('dst'), { rewriteExisting: true })
+    expect(forced).toMatchObject({ reused: 3, present: [] })
+    expect(store.manifestChecks).toHaveLength(2)
+  })
+
+  it('never asks when the manifest would change: a compression step, a conversion, a substitute, signatures to store', async () => {
+    const store = new MemoryStore()
+    const mem = memoryTransport(store)
+    const dst = memoryTransport(store, { hasManifest: true })
+    await writeRandomImage(mem.parseReference('plain'), { compression: null, seed: 3 })
+    const plain = await copyImage(mem.parseReference('plain'), dst.parseReference('a'))
+    expect(store.manifestChecks).toEqual([`a ${plain.digest}`])
+    store.manifestChecks.length = 0
+    const compressed = await copyImage(mem.parseReference('plain'), dst.parseReference('a'), { compression: 'compress' })
+    expect(compressed.digest).not.toBe(plain.digest)
+    const converted = await copyImage(mem.parseReference('plain'), dst.parseReference('a'), { manifestFormat: 'v2s2' })
+    expect(converted.digest).not.toBe(plain.digest)
+    expect(store.manifestChecks).toEqual([])
+    // the source's variants (a blob cache's) change the manifest
+    const gz = await buildRandomImage({ compression: null, layers: 1, seed: 4 })
+    const variant = gzipSync(gz.blobs.get(gz.layers[0].digest)!)
+    store.blobs.set(digestOf(variant), variant)
+    const cached = memoryTransport(store, { layerInfosForCopy: () => [{ digest: digestOf(variant), size: variant.length, mediaType: MediaType.ociLayerGzip, compressionOperation: 'compress', compressionAlgorithm: 'gzip' }] })
+    const d = await cached.parseReference('cached').newImageDestination()
+    await putRandomImage(d, gz)
+    await d.commit()
+    await copyImage(cached.parseReference('cached'), dst.parseReference('b'))
+    expect(store.manifestChecks).toEqual([])
+    // signatures are written even to a name that has the manifest
+    await writeRandomImage(mem.parseReference('signed'), { seed: 5 })
+    store.images.get('signed')!.signatures.set('', [Buffer.from('sig')])
+    const unsigned = await copyImage(mem.parseReference('signed'), dst.parseReference('c'), { removeSignatures: true })
+    expect(unsigned.present).toEqual([])
+    const signed = await copyImage(mem.parseReference('signed'), dst.parseReference('c'))
+    expect(signed).toMatchObject({ digest: unsigned.digest, present: [], reused: 3 })
+    expect(store.images.get('c')!.signatures.get('')).toEqual([Buffer.from('sig')])
+    expect(store.manifestChecks).toEqual([`c ${unsigned.digest}`])
+  })
+
+  it("with 'all': the list by its name first, then each instance by digest", async () => {
+    const store = new MemoryStore()
+    const mem = memoryTransport(store)
+    const dst = memoryTransport(store, { hasManifest: true })
+    const platforms = [{ os: 'linux', architecture: 'amd64' }, { os: 'linux', architecture: 'arm64' }]
+    const written = await writeRandomIndex(mem.parseReference('src'), platforms, { layers: 1 })
+    await copyImage(mem.parseReference('src'), dst.parseReference('one'), { imageListSelection: 'all' })
+    const [a, b] = written.images.map((i) => i.manifestDigest)
+    expect(store.manifestChecks).toEqual([`one ${written.indexDigest}`, `one ${a} ${a}`, `one ${b} ${b}`])
+    store.manifestChecks.length = 0
+    const again = await copyImage(mem.parseReference('src'), dst.parseReference('one'), { imageListSelection: 'all' })
+    expect(again).toMatchObject({ copied: 0, reused: 0, present: [written.indexDigest] })
+    expect(store.manifestChecks).toEqual([`one ${written.indexDigest}`])
+  })
+})
+
 describe('compressionStep', () => {
   it.each([
     [null, 'compress', 'gzip', false, { compress: 'gzip' }],

@@ -38,6 +38,12 @@ export interface CopyOptions extends CallOptions {
   preserveDigests?: boolean
   /** Drop the source's signatures. Default false: copy them, or fail if that is impossible. */
   removeSignatures?: boolean
+  /**
+   * Write an image again even when the destination already holds its manifest, unchanged, under
+   * the name it would be written to. Default false: such an image is skipped with its blobs, as
+   * crane does (only destinations with `hasManifest`, docker://, can tell).
+   */
+  rewriteExisting?: boolean
   /** Layers copied at once. Default 6. */
   concurrency?: number
   /** Called for each blob event; MUST NOT throw. */
@@ -60,6 +66,12 @@ export interface CopyResult {
   reused: number
   /** Bytes written to the destination by copied blobs. */
   bytes: number
+  /**
+   * Manifests not written because the destination already held each, unchanged, under the name
+   * it would have been given (nor were their blobs). With the top-level `digest` here, the copy
+   * wrote nothing at all.
+   */
+  present: Digest[]
 }
 
 /** Why the manifest digest must not change, and which error says so. */
@@ -147,9 +159,10 @@ export async function copyImage(src: ImageReference, dest: ImageReference, opts:
   try {
     source = await src.newImageSource({ ...opts.sourceCtx, signal: opts.sourceCtx?.signal ?? opts.signal })
     destination = await dest.newImageDestination({ ...opts.destCtx, signal: opts.destCtx?.signal ?? opts.signal })
-    destination.warmUp?.()
+    destination.warmUp?.({ manifest: mayFindManifest(destination, opts) })
     result = await new ImageCopier(source, destination, name, opts, signal, internal).run()
-    await destination.commit({ signal })
+    // a destination that already held the whole image was given nothing to commit
+    if (!result.present.includes(result.digest)) await destination.commit({ signal })
     log('committed %s (%s): %d copied, %d reused', result.digest, result.mediaType, result.copied, result.reused)
   } catch (err) {
     failure = { err }
@@ -171,6 +184,7 @@ class ImageCopier {
   readonly algorithm: CompressionAlgorithm
   readonly explicitCompression: boolean
   readonly supported: string[] | undefined
+  readonly present: Digest[] = []
 
   constructor(
     readonly src: ImageSource,
@@ -224,7 +238,7 @@ class ImageCopier {
       written = await this.writeImage(plan, false)
     }
     const { copied, reused, bytes } = this.copier
-    return { manifest: written.bytes, digest: written.digest, mediaType: written.mediaType, copied, reused, bytes }
+    return { manifest: written.bytes, digest: written.digest, mediaType: written.mediaType, copied, reused, bytes, present: this.present }
   }
 
   /** Signatures to copy, and the constraint they (or preserveDigests, or a signed parent) put on the manifest. */
@@ -373,7 +387,23 @@ class ImageCopier {
     return settled.slice(0, plan.layers.length).map((s) => (s as PromiseFulfilledResult<BlobOutcome>).value)
   }
 
+  /**
+   * Whether the destination already holds the manifest of `plan` as the copy would write it,
+   * under the name it would get: asked only when the copy would change nothing (same format, no
+   * substitute, no compression step, no signatures to add), since only then is that manifest the
+   * source's own.
+   */
+  async alreadyPresent(plan: ImagePlan | IndexPlan, asInstance: boolean): Promise<boolean> {
+    if (this.opts.rewriteExisting || !this.dest.hasManifest || !unchanged(plan)) return false
+    const { digest } = plan.source
+    if (!(await this.dest.hasManifest(digest, asInstance ? digest : undefined, { signal: this.signal }))) return false
+    log('%s %s already at the destination: not written again', plan.kind === 'index' ? 'list' : 'manifest', digest)
+    this.present.push(digest)
+    return true
+  }
+
   async writeImage(plan: ImagePlan, asInstance: boolean): Promise<Written> {
+    if (await this.alreadyPresent(plan, asInstance)) return sourceAsWritten(plan)
     const outcomes = await this.copyBlobs(plan)
     const written = this.buildManifest(plan, outcomes)
     if (written.changed && plan.constraint) {
@@ -432,6 +462,7 @@ class ImageCopier {
   }
 
   async writeIndex(plan: IndexPlan, top: boolean): Promise<Written> {
+    if (await this.alreadyPresent(plan, !top)) return sourceAsWritten(plan)
     const results: { digest: Digest; size: number; mediaType: string }[] = []
     for (const child of plan.children) {
       this.signal.throwIfAborted()
@@ -465,6 +496,31 @@ class ImageCopier {
     log('list %s written with %d entries%s', written.digest, results.length, changed ? ` (was ${plan.source.digest})` : '')
     return written
   }
+}
+
+/**
+ * Whether copyImage will probably ask the destination for its manifest (hasManifest): it can, and
+ * no option asks for a change of format or compression. Only a hint, for warmUp.
+ */
+function mayFindManifest(dest: ImageDestination, opts: CopyOptions): boolean {
+  if (!dest.hasManifest || opts.rewriteExisting || opts.manifestFormat) return false
+  return opts.compression === undefined && opts.compressionAlgorithm === undefined
+}
+
+/**
+ * Whether the copy would write the source's manifest unchanged, blobs aside: the same format, no
+ * layer substituted or given a compression step, no signatures to store; for a list, the same of
+ * every entry. Reused blobs (all of them, when the manifest is present) keep their digests.
+ */
+function unchanged(plan: ImagePlan | IndexPlan | OpaquePlan): boolean {
+  if (plan.kind === 'opaque') return true
+  if (plan.sigs.length > 0 || plan.format !== manifestFormatOf(plan.source.mediaType)) return false
+  if (plan.kind === 'index') return plan.children.every(unchanged)
+  return plan.layers.every((l) => !l.substituted && l.planned === undefined)
+}
+
+function sourceAsWritten(plan: ImagePlan | IndexPlan): Written {
+  return { bytes: plan.source.bytes, digest: plan.source.digest, mediaType: plan.source.mediaType, changed: false }
 }
 
 /** The compression a layer's info declares: from a substitute's operation, else from its media type. */

@@ -2,6 +2,12 @@ import type { Readable } from 'node:stream'
 import type { Digest } from './digest.js'
 import type { NamedReference } from './name.js'
 
+/** What {@link ImageDestination.warmUp} may prepare for. */
+export interface WarmUpHints {
+  /** copyImage will probably call hasManifest for the top level. */
+  manifest?: boolean
+}
+
 /** What a copy does to layer compression. */
 export type LayerCompression = 'preserve' | 'compress' | 'decompress'
 
@@ -161,6 +167,14 @@ export interface ImageDestination {
   readonly linkDirectory?: string
   /** Resolves the stored blob's info if the destination already holds it, else undefined. */
   tryReusingBlob(info: BlobInfo, opts?: PutBlobOptions): Promise<BlobInfo | undefined>
+  /**
+   * Optional: whether the destination already holds the manifest `digest` under the name
+   * putManifest would give it (the reference's tag or digest; with `instanceDigest`, that
+   * instance), and so every blob it names. copyImage then writes nothing of that image, as
+   * crane does, and for the top level does not commit either. Resolving false is always safe;
+   * it MUST NOT resolve true on a guess.
+   */
+  hasManifest?(digest: Digest, instanceDigest?: Digest, opts?: CallOptions): Promise<boolean>
   /** Stores a manifest: the top-level one, or with `instanceDigest` that instance of a list. */
   putManifest(bytes: Buffer, instanceDigest?: Digest, opts?: CallOptions): Promise<void>
   /**
@@ -170,10 +184,12 @@ export interface ImageDestination {
   putSignatures?(signatures: Buffer[], instanceDigest?: Digest, opts?: CallOptions): Promise<void>
   /**
    * Optional: a hint that writing starts soon, given by copyImage before it reads the source;
-   * a destination may start slow set-up here (a registry's `/v2/` ping). MUST NOT throw: a
-   * failure shows when the destination is used. close() stops what it started.
+   * a destination may start slow set-up here (a registry's `/v2/` ping), and with
+   * `hints.manifest` the question hasManifest will be asked for the top level (which manifest
+   * its name holds). MUST NOT throw: a failure shows when the destination is used. close()
+   * stops what it started.
    */
-  warmUp?(): void
+  warmUp?(hints?: WarmUpHints): void
   /** Makes the image visible under its name. */
   commit(opts?: CallOptions): Promise<void>
   /** Releases resources; without a commit, MUST remove what was staged. */

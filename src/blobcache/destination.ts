@@ -84,7 +84,10 @@ export class BlobCacheDestination implements ImageDestination {
     return this.#inner.acceptsImageLists()
   }
 
-  /** Forwards to the wrapped destination, when it has warmUp. */
+  /**
+   * Forwards to the wrapped destination, when it has warmUp, without hints: the cache has no
+   * hasManifest (every copy through it writes, so the cache sees what it is given).
+   */
   warmUp(): void {
     this.#inner.warmUp?.()
   }

@@ -7,8 +7,11 @@ import { type CliIO, formatBytes, println } from './io.js'
 export interface ProgressReporter {
   /** Pass as `CopyOptions.onProgress`. */
   onProgress(e: CopyProgressEvent): void
-  /** Ends the display; with `ok` it also says that the manifest was written. */
-  finish(ok: boolean): void
+  /**
+   * Ends the display; with `ok` it also says that the manifest was written or, given `present`
+   * (its digest), that the destination already had it.
+   */
+  finish(ok: boolean, present?: string): void
 }
 
 /** How progress is shown: bars on a terminal, skopeo-style lines otherwise, or nothing. */
@@ -19,6 +22,9 @@ export function createProgress(io: CliIO, mode: ProgressMode): ProgressReporter 
   if (mode === 'quiet') return { onProgress() {}, finish() {} }
   return mode === 'bars' ? new BarProgress(io) : new LineProgress(io)
 }
+
+const manifestLine = (present: string | undefined) =>
+  present ? `Writing manifest to image destination skipped: ${present} already exists` : 'Writing manifest to image destination'
 
 const label = (e: CopyProgressEvent) => (e.kind === 'config' ? 'config' : 'blob')
 
@@ -32,8 +38,8 @@ class LineProgress implements ProgressReporter {
     else if (e.type === 'skipped') println(this.io, `Copying ${label(e)} ${e.digest} skipped`)
   }
 
-  finish(ok: boolean): void {
-    if (ok) println(this.io, 'Writing manifest to image destination')
+  finish(ok: boolean, present?: string): void {
+    if (ok) println(this.io, manifestLine(present))
   }
 }
 
@@ -87,9 +93,9 @@ class BarProgress implements ProgressReporter {
     })
   }
 
-  finish(ok: boolean): void {
+  finish(ok: boolean, present?: string): void {
     this.#multi.stop()
-    if (ok) println(this.io, 'Writing manifest to image destination')
+    if (ok) println(this.io, manifestLine(present))
   }
 
   #barFor(e: CopyProgressEvent): BarState {

@@ -68,6 +68,43 @@ export async function fetchManifest(client: RegistryClient, repository: string, 
   return { bytes, mediaType, digest }
 }
 
+/**
+ * Asks (HEAD) which manifest `reference` (a tag or a digest) of `repository` names, with the
+ * scope a push holds. Resolves its digest as the registry reports it (`Docker-Content-Digest`,
+ * not checked against any bytes) and its size, or undefined when there is none. A 403 counts as
+ * none too: some registries answer it for a missing manifest. An answer without the digest
+ * header resolves `digest: undefined`.
+ */
+export async function headManifest(
+  client: RegistryClient,
+  repository: string,
+  reference: string,
+  signal?: AbortSignal,
+): Promise<{ digest: Digest | undefined; size: number } | undefined> {
+  let res
+  try {
+    res = await client.send({
+      method: 'HEAD',
+      path: `/v2/${repository}/manifests/${reference}`,
+      repository,
+      scopes: [repositoryScope(repository, 'pull,push')],
+      headers: { accept: MANIFEST_ACCEPT },
+      ok: [200, 404],
+      kind: 'manifest',
+      action: `checking for manifest ${reference}`,
+      signal,
+    })
+  } catch (err) {
+    if (err instanceof RegistryError && err.status === 403) return undefined
+    throw err
+  }
+  await discard(res.body)
+  if (res.status === 404) return undefined
+  const reported = header(res, 'docker-content-digest')?.trim()
+  const size = Number(header(res, 'content-length'))
+  return { digest: reported && isDigest(reported) ? reported : undefined, size: Number.isSafeInteger(size) ? size : -1 }
+}
+
 /** Turns a 404 of any registry code (NAME_UNKNOWN too) into `MANIFEST_UNKNOWN`. */
 function manifestUnknown(err: unknown): never {
   if (err instanceof RegistryError && err.status === 404 && err.code !== 'MANIFEST_UNKNOWN') {

@@ -10,11 +10,11 @@ import { RegistryClient } from '../registry/client.js'
 import { openBlob } from '../registry/download.js'
 import { firstServing, loadRegistriesConf, pullSources, sourceOptions } from '../registry/registries-conf.js'
 import { blobLocations, recordBlobLocation } from '../registry/locations.js'
-import { type TagListOptions, deleteManifest, fetchManifest, fetchTags, pushManifest } from '../registry/manifests.js'
+import { type TagListOptions, deleteManifest, fetchManifest, fetchTags, headManifest, pushManifest } from '../registry/manifests.js'
 import { headBlob, mountBlob, uploadBlob } from '../registry/upload.js'
 import type {
   BlobChunk, BlobInfo, CallOptions, ImageDestination, ImageReference, ImageSource, ImageTransport, LayerCompression,
-  PutBlobOptions, SystemContext,
+  PutBlobOptions, SystemContext, WarmUpHints,
 } from '../types.js'
 import { type LendingOptions, slabLender } from '../io/hash-thread.js'
 
@@ -197,6 +197,8 @@ class DockerSource implements ImageSource {
 
 class DockerDestination implements ImageDestination {
   #pending: Buffer | undefined
+  /** The answer to the HEAD of the reference started by warmUp; undefined in it when that failed. */
+  #early: { answer: Promise<{ found: Awaited<ReturnType<typeof headManifest>> } | undefined>; stop: AbortController } | undefined
 
   constructor(
     readonly reference: DockerReference,
@@ -245,6 +247,24 @@ class DockerDestination implements ImageDestination {
   }
 
   /**
+   * HEAD of the tag (or digest) the manifest would be pushed to. By digest, an answer is the
+   * manifest; by tag, the registry's `Docker-Content-Digest` must name `digest`. The registry
+   * checked every blob a manifest names when it was pushed, so they are there too.
+   */
+  async hasManifest(digest: Digest, instanceDigest?: Digest, opts: CallOptions = {}): Promise<boolean> {
+    const reference = instanceDigest ?? this.reference.manifestReference
+    if (instanceDigest && instanceDigest !== digest) return false
+    const pinned = this.reference.named.digest
+    if (!instanceDigest && pinned && pinned !== digest) return false
+    const early = instanceDigest ? undefined : await this.#early?.answer
+    const found = early ? early.found : await headManifest(this.client, this.reference.repository, reference, opts.signal)
+    const byDigest = reference === digest
+    const present = found !== undefined && (found.digest === digest || (byDigest && found.digest === undefined))
+    if (present) log('manifest %s already in %s/%s as %s', digest, this.reference.registry, this.reference.repository, reference)
+    return present
+  }
+
+  /**
    * Stores an instance of a list at once, by its digest (it is named by nothing yet). The
    * top-level manifest is checked and kept until {@link commit} pushes it under the reference's
    * tag (or digest, which MUST match), so nothing is visible under the name before then.
@@ -268,14 +288,26 @@ class DockerDestination implements ImageDestination {
     this.#pending = undefined
   }
 
-  /** Starts finding the registry (its `/v2/` ping) while the copy still reads its source. */
-  warmUp(): void {
+  /**
+   * Starts finding the registry (its `/v2/` ping) while the copy still reads its source, and
+   * with `hints.manifest` asks which manifest the reference names (for hasManifest). A failed
+   * question is asked again when hasManifest needs the answer.
+   */
+  warmUp(hints: WarmUpHints = {}): void {
     this.client.warmUp()
+    if (!hints.manifest || this.#early) return
+    const stop = new AbortController()
+    const answer = headManifest(this.client, this.reference.repository, this.reference.manifestReference, stop.signal).then(
+      (found) => ({ found }),
+      (err: unknown) => void log('early HEAD of %s failed: %s', this.reference.manifestReference, err),
+    )
+    this.#early = { answer, stop }
   }
 
   /** Drops an uncommitted manifest; uploaded blobs stay unreferenced for the registry's garbage collection. */
   async close(): Promise<void> {
     this.#pending = undefined
+    this.#early?.stop.abort(new Error('the destination was closed'))
     this.client.abandonWarmUp()
   }
 }

@@ -27,6 +27,8 @@ export class MemoryStore {
   readonly images = new Map<string, MemoryImage>()
   /** Every putBlob call that reached a destination of this store (digest or 'unknown'). */
   readonly puts: string[] = []
+  /** Every hasManifest question asked of a destination of this store: `name digest [instance]`. */
+  readonly manifestChecks: string[] = []
 }
 
 /** Capabilities of a memory transport. Defaults: any manifest type, preserve, lists, signatures. */
@@ -36,6 +38,8 @@ export interface MemoryTransportOptions {
   acceptsImageLists?: boolean
   /** Whether destinations have putSignatures. Default true. */
   signatures?: boolean
+  /** Whether destinations have hasManifest (answered from the store). Default false. */
+  hasManifest?: boolean
   /** Whether tryReusingBlob finds blobs already in the store. Default true. */
   reuse?: boolean
   /** Source: substitutes returned by layerInfosForCopy (per instance digest, '' for the top). */
@@ -133,8 +137,19 @@ class MemoryDestination implements ImageDestination {
   #manifest: Buffer | undefined
   #committed = false
   putSignatures?: (signatures: Buffer[], instanceDigest?: Digest) => Promise<void>
+  hasManifest?: (digest: Digest, instanceDigest?: Digest) => Promise<boolean>
 
   constructor(readonly reference: MemoryReference) {
+    if (reference.opts.hasManifest) {
+      this.hasManifest = async (digest, instanceDigest) => {
+        const { store, name } = reference
+        store.manifestChecks.push([name, digest, instanceDigest].filter(Boolean).join(' '))
+        const image = store.images.get(name)
+        if (!image) return false
+        if (instanceDigest) return instanceDigest === digest && image.instances.has(digest)
+        return digestOf(image.manifest.bytes) === digest
+      }
+    }
     if (reference.opts.signatures !== false) {
       this.putSignatures = async (signatures, instanceDigest) => {
         this.#signatures.set(instanceDigest ?? '', signatures)

@@ -99,6 +99,24 @@ describe.skipIf(!registryBin)('blobcache CLI with docker://', () => {
     expect(anon.stderr).toMatch(/HTTP 401|UNAUTHORIZED/)
   })
 
+  it('a re-push of what the tag already names says so and writes nothing; --rewrite-existing writes it again', async () => {
+    const dir = await tempDir()
+    const sample = await writeSampleImage(parseImageName(`oci:${dir}/src:latest`))
+    const args = ['--dest-tls-verify=false', '--dest-creds', 'alice:wonderland', `oci:${dir}/src:latest`, `docker://${registry.host}/cli/again:v1`]
+    const first = await cli(['copy', ...args])
+    expect(first.code, first.stderr).toBe(0)
+    expect(first.stdout).toMatch(/Copying blob sha256:\w+ (done|skipped: already exists)/)
+    expect(first.stdout.trim().split('\n').at(-1)).toBe('Writing manifest to image destination')
+    const again = await cli(['copy', ...args])
+    expect(again.code, again.stderr).toBe(0)
+    expect(again.stdout).toBe(`Writing manifest to image destination skipped: ${sample.digest} already exists\n`)
+    const json = await cli(['copy', '--json', ...args])
+    expect(JSON.parse(json.stdout)).toMatchObject({ manifestDigest: sample.digest, blobs: { copied: 0, reused: 0 }, present: [sample.digest] })
+    const forced = await cli(['copy', '--json', '--rewrite-existing', ...args])
+    expect(JSON.parse(forced.stdout)).toMatchObject({ manifestDigest: sample.digest, blobs: { copied: 0 }, present: [] })
+    expect(JSON.parse(forced.stdout).blobs.reused).toBeGreaterThan(0)
+  })
+
   it('--digestfile holds the manifest digest alone, as skopeo writes it', async () => {
     const dir = await tempDir()
     const sample = await writeSampleImage(parseImageName(`oci:${dir}/src:latest`))

@@ -53,6 +53,7 @@ describe('blobcache copy', () => {
       mediaType: 'application/vnd.oci.image.manifest.v1+json',
       blobs: { copied: sample.layers.length + 1, reused: 0 },
       bytes: blobBytes(sample),
+      present: [],
     })
     // the same layout under another tag already holds every blob
     const second = await cli(['copy', '--json', src, `oci:${dir}/dest:two`])

@@ -24,6 +24,7 @@ interface CopyFlags extends SharedCacheFlags {
   format?: 'oci' | 'v2s2'
   preserveDigests?: boolean
   removeSignatures?: boolean
+  rewriteExisting?: boolean
   quiet?: boolean
   json?: boolean
   blobCache?: string
@@ -41,6 +42,8 @@ export interface CopySummary {
   mediaType: string
   blobs: { copied: number; reused: number }
   bytes: number
+  /** Manifests the destination already held under their names, written again nowhere (see CopyResult.present). */
+  present: string[]
   cache?: { hits: number; misses: number; errors: number }
   /** The shared cache tier's counts, after the flush (with --shared-cache). */
   shared?: SharedStats
@@ -62,6 +65,7 @@ export function addCopyCommand(program: Command, ctx: RunContext): void {
     .addOption(new Option('-f, --format <format>', 'manifest format of the destination').choices(['oci', 'v2s2']))
     .option('--preserve-digests', 'fail rather than change any digest (no conversion or recompression)')
     .option('--remove-signatures', 'do not copy signatures')
+    .option('--rewrite-existing', 'write an image even when the destination already has its manifest under that name (docker://)')
     .option('-q, --quiet', 'print no progress')
     .option('--json', 'print one JSON summary at the end (and no progress)')
     .option('--blob-cache <dir>', 'keep every blob in this cache directory and read blobs from it (created if missing)')
@@ -152,6 +156,7 @@ async function runCopy(
     manifestFormat: flags.format,
     preserveDigests: flags.preserveDigests,
     removeSignatures: flags.removeSignatures,
+    rewriteExisting: flags.rewriteExisting,
     onProgress: (e) => progress.onProgress(e),
     sourceCtx: sourceRegistry ? { ...base, registry: sourceRegistry } : base,
     destCtx: destRegistry ? { ...base, registry: destRegistry } : base,
@@ -164,7 +169,7 @@ async function runCopy(
       result = await copyImage(src, dest, options)
       ok = true
     } finally {
-      progress.finish(ok)
+      progress.finish(ok, result && result.present.includes(result.digest) ? result.digest : undefined)
     }
   } finally {
     // copyImage has closed the destination (its background variants are queued by now); the
@@ -177,6 +182,7 @@ async function runCopy(
     mediaType: result.mediaType,
     blobs: { copied: result.copied, reused: result.reused },
     bytes: result.bytes,
+    present: result.present,
   }
   if (caches.length > 0) {
     const cache = { hits: 0, misses: 0, errors: 0 }
