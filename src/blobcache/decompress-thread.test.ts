@@ -1,11 +1,12 @@
 import { randomBytes } from 'node:crypto'
+import { availableParallelism } from 'node:os'
 import { readdir, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { crc32, deflateRawSync, gunzipSync, gzipSync } from 'node:zlib'
 import { describe, expect, it } from 'vitest'
 import { testDir } from '../../test/helpers/conformance.js'
 import { digestOf } from '../digest.js'
-import { PIECE_BYTES, threadDecompression } from './decompress-thread.js'
+import { PIECE_BYTES, decompressionThreads, threadDecompression } from './decompress-thread.js'
 
 const chunks = (data: Buffer, n: number) => Array.from({ length: Math.ceil(data.length / n) }, (_, i) => data.subarray(i * n, (i + 1) * n))
 
@@ -54,12 +55,13 @@ describe('decompression thread (gzip)', () => {
     expect(files[1].equals(plain)).toBe(true)
   })
 
-  it('runs several jobs at once', async () => {
+  it('runs several jobs at once, on up to one thread per core', async () => {
     const dir = await testDir()
-    const plains = [0, 1, 2, 3].map(() => randomBytes(700_000))
+    const plains = [0, 1, 2, 3].map(() => Buffer.concat([randomBytes(700_000), Buffer.alloc(3 << 20, 'x')]))
     const results = await Promise.all(plains.map((p) => run(dir, gzipSync(p), 100_000)))
     expect(results.map((r) => r.file?.digest)).toEqual(plains.map((p) => digestOf(p)))
     expect((await readdir(dir)).length).toBe(4)
+    expect(decompressionThreads()).toBe(Math.min(4, availableParallelism()))
   })
 
   it('stops quietly on corrupt data: reported once, no file left, writes still resolve', async () => {

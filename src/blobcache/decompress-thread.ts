@@ -1,11 +1,15 @@
-// Decompressing gzip layers on a thread of its own. The cache stores the decompressed form of
+// Decompressing gzip layers on threads of their own. The cache stores the decompressed form of
 // every gzip layer it sees; on the main thread that cost a cold copy of 4 x 41 MiB layers about
 // 550 ms of main-thread time (sha256 of 256 MiB, zlib's callbacks, 256 writes and their garbage)
 // while the main thread also had to read and write the layers. Here the main thread only copies
-// the compressed bytes into shared memory; a worker thread inflates (on libuv's pool, as
-// before), hashes and writes the `.tmp-` file. The bytes travel in plain ArrayBuffers that are
-// transferred to the thread and back, and reused: V8 copies into shared memory several times
-// slower than into a plain buffer (61 ms against about 10 ms of main thread for 164 MiB).
+// the compressed bytes into pieces; a worker thread (one per core at most, as layers come)
+// inflates them on itself, straight into the page-aligned memory the file is written from,
+// hashes that and writes the `.tmp-` file. The pieces are plain ArrayBuffers transferred to the
+// thread and back, and reused: V8 copies into shared memory several times slower than into a
+// plain buffer (61 ms against about 10 ms of main thread for 164 MiB). Inflating through zlib's
+// stream instead (on libuv's pool, into a new 1 MiB buffer per output chunk, copied again into
+// the file's memory) cost a cold copy 0.1 s more CPU and 15 000 more page faults.
+import { availableParallelism } from 'node:os'
 import type { Worker } from 'node:worker_threads'
 import debug from 'debug'
 import type { Digest } from '../digest.js'
@@ -29,9 +33,8 @@ const SLACK = 4 << 20
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads')
 const { createHash } = require('node:crypto')
-const { close: fsClose, constants: fsc, createWriteStream, fstatSync, ftruncate, openSync, statfsSync, unlink, write: fsWrite } = require('node:fs')
-const { Transform, Writable, pipeline } = require('node:stream')
-const { createInflateRaw } = require('node:zlib')
+const { close: fsClose, constants: fsc, fstatSync, ftruncate, openSync, statfsSync, unlink, write: fsWrite } = require('node:fs')
+const { createInflateRaw, constants: { Z_NO_FLUSH } } = require('node:zlib')
 const CHUNK = 1 << 20
 const jobs = new Map()
 
@@ -58,86 +61,97 @@ function newStage() {
   for (let i = 1; i < 4; i++) freeStages.push(Buffer.from(memory.buffer, i * CHUNK, CHUNK))
   return Buffer.from(memory.buffer, 0, CHUNK)
 }
-function fileSink(fd) {
-  let direct = -1
-  let stages
-  if (process.env.BLOBCACHE_DIRECT_IO !== '0' && typeof WebAssembly === 'object' && fsc.O_DIRECT && !onRemote(fd)) {
-    try {
-      stages = [newStage(), newStage()]
-      direct = openSync('/proc/self/fd/' + fd, fsc.O_WRONLY | fsc.O_DIRECT)
-    } catch {
-      if (stages) freeStages.push(...stages)
+// The decompressed file and its sha256. The inflater writes straight into stages[0] (room()
+// bytes from filled on), which is hashed as it fills and, once full, written while stages[1]
+// fills: no other buffer is made or copied. With O_DIRECT, as said above, where it can be had;
+// else through the plain descriptor from the same stages.
+class Output {
+  constructor(fd) {
+    this.fd = fd
+    this.direct = -1
+    if (process.env.BLOBCACHE_DIRECT_IO !== '0' && fsc.O_DIRECT && !onRemote(fd)) {
+      try {
+        this.direct = openSync('/proc/self/fd/' + fd, fsc.O_WRONLY | fsc.O_DIRECT)
+      } catch {}
     }
+    if (this.direct < 0 && process.env.BLOBCACHE_DIRECT_IO === '1') {
+      throw Object.assign(new Error('no direct writes (BLOBCACHE_DIRECT_IO=1 asks for them)'), { code: 'ENOTSUP' })
+    }
+    this.stages = [newStage(), newStage()]
+    this.filled = 0
+    this.pos = 0
+    this.inFlight = false
+    this.waiter = null
+    this.failed = null
+    this.hash = createHash('sha256')
+    this.bytes = 0
   }
-  if (direct < 0) {
-    if (process.env.BLOBCACHE_DIRECT_IO === '1') throw Object.assign(new Error('no direct writes (BLOBCACHE_DIRECT_IO=1 asks for them)'), { code: 'ENOTSUP' })
-    return createWriteStream(null, { fd, highWaterMark: CHUNK })
+  // bytes free in stages[0] (a full one is handed to the disk first); 0 while both are busy
+  room() {
+    if (this.filled === CHUNK) {
+      if (this.inFlight) return 0
+      this.issue()
+    }
+    return CHUNK - this.filled
   }
-  let filled = 0, pos = 0, inFlight = false, waiter = null, failed = null
-  const put = (buf, len, at, done) => {
-    const via = direct >= 0 ? direct : fd
+  took(n) {
+    if (n === 0) return
+    this.hash.update(this.stages[0].subarray(this.filled, this.filled + n))
+    this.filled += n
+    this.bytes += n
+  }
+  put(buf, len, at, done) {
+    const via = this.direct >= 0 ? this.direct : this.fd
     fsWrite(via, buf, 0, len, at, (err, n) => {
-      if ((err || n < len) && via === direct) {
-        fsClose(direct, () => {})
-        direct = -1
-        if (err) return put(buf, len, at, done)
+      if ((err || n < len) && via === this.direct) {
+        fsClose(this.direct, () => {})
+        this.direct = -1
+        if (err) return this.put(buf, len, at, done)
       }
       if (err) return done(err)
-      if (n < len) return put(buf.subarray(n), len - n, at + n, done)
+      if (n < len) return this.put(buf.subarray(n), len - n, at + n, done)
       done(null)
     })
   }
-  // stages[0] fills while stages[1] is written
-  const issue = () => {
-    const full = stages[0], len = filled, at = pos
-    stages = [stages[1], full]
-    pos += len; filled = 0; inFlight = true
-    put(full, len, at, (err) => {
-      inFlight = false
-      if (err) failed = err
-      const then = waiter
-      waiter = null
+  issue() {
+    const full = this.stages[0], len = this.filled, at = this.pos
+    this.stages = [this.stages[1], full]
+    this.pos += len
+    this.filled = 0
+    this.inFlight = true
+    this.put(full, len, at, (err) => {
+      this.inFlight = false
+      if (err) this.failed = err
+      const then = this.waiter
+      this.waiter = null
       if (then) then()
     })
   }
-  const whenIdle = (then) => { if (inFlight) waiter = then; else then() }
-  return new Writable({
-    highWaterMark: CHUNK,
-    write(chunk, _e, cb) {
-      let offset = 0
-      const step = () => {
-        for (;;) {
-          if (failed) return cb(failed)
-          if (filled === CHUNK) {
-            if (inFlight) return (waiter = step)
-            issue()
-          }
-          if (offset === chunk.length) return cb()
-          const n = chunk.copy(stages[0], filled, offset)
-          filled += n
-          offset += n
-        }
-      }
-      step()
-    },
-    final(cb) {
-      whenIdle(() => {
-        if (failed) return cb(failed)
-        if (filled === 0) return cb()
-        const len = filled, at = pos
-        const padded = direct >= 0 ? Math.ceil(len / ALIGN) * ALIGN : len
-        stages[0].fill(0, len, padded)
-        put(stages[0], padded, at, (err) => (err ? cb(err) : ftruncate(fd, at + len, cb)))
-      })
-    },
-    destroy(err, cb) {
-      whenIdle(() => {
-        freeStages.push(...stages)
-        if (direct >= 0) fsClose(direct, () => {})
-        fsClose(fd, () => cb(err))
-      })
-    },
-  })
+  // after the write in flight, and after whatever already waits for it
+  whenIdle(then) {
+    if (!this.inFlight) return then()
+    const before = this.waiter
+    this.waiter = before ? () => (before(), then()) : then
+  }
+  // writes what is left (padded for O_DIRECT), then sets the size
+  finish(cb) {
+    this.whenIdle(() => {
+      if (this.failed) return cb(this.failed)
+      const len = this.filled, at = this.pos
+      if (len === 0) return cb(null)
+      const padded = this.direct >= 0 ? Math.ceil(len / ALIGN) * ALIGN : len
+      this.stages[0].fill(0, len, padded)
+      this.put(this.stages[0], padded, at, (err) => (err ? cb(err) : ftruncate(this.fd, at + len, cb)))
+    })
+  }
+  close(cb) {
+    this.whenIdle(() => {
+      freeStages.push(...this.stages)
+      this.stages = null
+      if (this.direct >= 0) fsClose(this.direct, () => {})
+      fsClose(this.fd, () => cb())
+    })
+  }
 }
 // Gunzip as createGunzip reads it (RFC 1952 members one after another, headers with any of
 // FEXTRA, FNAME, FCOMMENT and FHCRC, zero bytes after a member taken as padding and the rest
@@ -187,110 +201,138 @@ function readHeader(h, buf, i) {
     }
   }
 }
-class RawGunzip extends Transform {
-  constructor() {
-    super({ readableHighWaterMark: CHUNK })
+// One decompression: gzip members parsed here (readHeader, then the trailer), the deflate data
+// given to a raw inflater's handle synchronously (its writeSync, as zlib's own *Sync functions
+// use it), which inflates straight into the Output's stage. Pieces are handled in the order
+// they came; each goes back to the main thread (back) once all its bytes are taken.
+class Job {
+  constructor(id, path, out) {
+    this.id = id
+    this.path = path
+    this.out = out
     this.state = HEADER
     this.header = { seen: 0, flags: 0, lengthBytes: 0, extra: 0, crcBytes: 0 }
     this.trailer = Buffer.alloc(8)
     this.trailerBytes = 0
     this.inflater = null
-    this.out = 0
+    this.memberBytes = 0
+    this.queue = []
+    this.busy = false
+    this.over = false
+    this.aborted = false
   }
-  _transform(chunk, _encoding, cb) {
-    try {
-      this.feed(chunk, 0, cb)
-    } catch (err) {
-      cb(err)
+  push(action) {
+    this.queue.push(action)
+    if (!this.busy) this.next()
+  }
+  next() {
+    this.busy = false
+    while (!this.busy && this.queue.length) {
+      const action = this.queue.shift()
+      this.busy = true
+      action()
     }
   }
-  feed(buf, i, cb) {
-    for (;;) {
-      if (this.state === PADDING || i >= buf.length) return cb()
-      if (this.state === HEADER) {
-        const at = readHeader(this.header, buf, i)
-        if (at < 0) return cb()
-        i = at
-        this.startMember()
-      } else if (this.state === BODY) {
-        const part = i === 0 ? buf : buf.subarray(i)
-        const inflater = this.inflater
-        const before = inflater.bytesWritten
-        return inflater.write(part, (err) => {
-          if (err || this.destroyed) return
-          const used = inflater.bytesWritten - before
-          // all taken: the deflate data goes on (or ends just here, and the next write takes nothing)
-          if (used === part.length) return cb()
-          // it ended inside part: what is left is the trailer and what follows the member
-          this.state = TRAILER
-          this.afterInflater(() => {
-            try {
-              this.feed(buf, i + used, cb)
-            } catch (e) {
-              cb(e)
-            }
-          })
-        })
-      } else if (this.state === TRAILER) {
-        const n = Math.min(8 - this.trailerBytes, buf.length - i)
-        this.trailer.set(buf.subarray(i, i + n), this.trailerBytes)
-        this.trailerBytes += n
-        i += n
-        if (this.trailerBytes === 8) {
-          if (this.trailer.readUInt32LE(4) !== this.out % 4294967296) throw zlibError('incorrect length check', 'Z_DATA_ERROR')
-          this.state = NEXT
-        }
-      } else {
-        // after a member: another one, or zero bytes of padding
-        if (buf[i] === 0) this.state = PADDING
-        else {
+  feed(buf, back) {
+    if (this.over) {
+      back()
+      return this.next()
+    }
+    this.run(buf, 0, back)
+  }
+  run(buf, i, back) {
+    try {
+      for (;;) {
+        if (this.over) break
+        if (this.out.failed) throw this.out.failed
+        if (this.state === PADDING || i >= buf.length) break
+        if (this.state === HEADER) {
+          const at = readHeader(this.header, buf, i)
+          if (at < 0) break
+          i = at
+          this.state = BODY
+          this.memberBytes = 0
+          this.inflater = createInflateRaw()
+          this.inflater.on('error', () => {})
+        } else if (this.state === BODY) {
+          const room = this.out.room()
+          if (room === 0) {
+            this.out.waiter = () => this.run(buf, i, back)
+            return
+          }
+          const inflater = this.inflater
+          const state = inflater._writeState
+          const given = buf.length - i
+          inflater._handle.writeSync(Z_NO_FLUSH, buf, i, given, this.out.stages[0], this.out.filled, room)
+          if (inflater.errored) throw inflater.errored
+          const made = room - state[0]
+          i += given - state[1]
+          this.out.took(made)
+          this.memberBytes += made
+          // room and bytes left, yet it stopped: the member's deflate data has ended
+          if (state[0] > 0 && state[1] > 0) {
+            inflater.close()
+            this.inflater = null
+            this.state = TRAILER
+          }
+        } else if (this.state === TRAILER) {
+          const n = Math.min(8 - this.trailerBytes, buf.length - i)
+          this.trailer.set(buf.subarray(i, i + n), this.trailerBytes)
+          this.trailerBytes += n
+          i += n
+          if (this.trailerBytes === 8) {
+            if (this.trailer.readUInt32LE(4) !== this.memberBytes % 4294967296) throw zlibError('incorrect length check', 'Z_DATA_ERROR')
+            this.state = NEXT
+          }
+        } else if (buf[i] === 0) {
+          // after a member: zero bytes of padding (the rest is ignored), or another member
+          this.state = PADDING
+        } else {
           this.state = HEADER
           this.header = { seen: 0, flags: 0, lengthBytes: 0, extra: 0, crcBytes: 0 }
           this.trailerBytes = 0
-          this.out = 0
         }
       }
+    } catch (err) {
+      this.fail(err)
     }
+    back()
+    this.next()
   }
-  startMember() {
-    this.state = BODY
-    const inflater = createInflateRaw({ chunkSize: CHUNK })
-    this.inflater = inflater
-    inflater.on('data', (data) => {
-      this.out += data.length
-      if (!this.push(data)) inflater.pause()
+  end() {
+    if (this.over) return
+    if (this.state !== NEXT && this.state !== PADDING) return this.fail(zlibError('unexpected end of file', 'Z_BUF_ERROR'))
+    this.over = true
+    this.out.finish((err) => {
+      if (err) {
+        this.over = false
+        return this.fail(err)
+      }
+      this.out.close(() => {
+        jobs.delete(this.id)
+        parentPort.postMessage([this.id, this.out.hash.digest('hex'), this.out.bytes])
+      })
     })
-    inflater.on('error', (err) => this.destroy(err))
   }
-  // calls then once the member's inflater, which has come to the end of its deflate data, has
-  // given all its output
-  afterInflater(then) {
-    const inflater = this.inflater
-    const ended = () => {
-      this.inflater = null
-      inflater.destroy()
-      then()
-    }
-    // 'end' may have been emitted before the write's callback
-    if (inflater.readableEnded) ended()
-    else inflater.once('end', ended)
+  abort() {
+    this.aborted = true
+    this.fail(new Error('aborted'))
   }
-  _read(size) {
-    if (this.inflater) this.inflater.resume()
-    super._read(size)
-  }
-  _flush(cb) {
-    if (this.state === NEXT || this.state === PADDING) return cb()
-    cb(zlibError('unexpected end of file', 'Z_BUF_ERROR'))
-  }
-  _destroy(err, cb) {
-    if (this.inflater) this.inflater.destroy()
-    cb(err)
+  // ends the job once: its file closed and removed, then the answer
+  fail(err) {
+    if (this.over) return
+    this.over = true
+    if (this.inflater) this.inflater.close()
+    this.inflater = null
+    this.out.close(() =>
+      unlink(this.path, () => {
+        jobs.delete(this.id)
+        parentPort.postMessage(this.aborted ? [this.id, null] : [this.id, null, String(err.message || err), err.code])
+      }),
+    )
   }
 }
 function start(id, path) {
-  // created here, before the pipeline: a stream opening its file in the background could
-  // create it after a failure had already removed it
   let fd
   try {
     fd = openSync(path, 'wx', 0o644)
@@ -299,22 +341,12 @@ function start(id, path) {
   }
   let out
   try {
-    out = fileSink(fd)
+    out = new Output(fd)
   } catch (err) {
     fsClose(fd, () => {})
     return unlink(path, () => parentPort.postMessage([id, null, String(err.message || err), err.code]))
   }
-  const hash = createHash('sha256')
-  let bytes = 0
-  const gunzip = new RawGunzip()
-  const hasher = new Transform({ highWaterMark: CHUNK, transform(chunk, _e, cb) { hash.update(chunk); bytes += chunk.length; cb(null, chunk) } })
-  const job = { gunzip, aborted: false }
-  jobs.set(id, job)
-  pipeline(gunzip, hasher, out, (err) => {
-    jobs.delete(id)
-    if (!err) return parentPort.postMessage([id, hash.digest('hex'), bytes])
-    unlink(path, () => parentPort.postMessage(job.aborted ? [id, null] : [id, null, String(err.message || err), err.code]))
-  })
+  jobs.set(id, new Job(id, path, out))
 }
 parentPort.on('message', (m) => {
   const id = m[0]
@@ -322,13 +354,10 @@ parentPort.on('message', (m) => {
   const job = jobs.get(id)
   if (m.length === 3) {
     const back = () => parentPort.postMessage([id, m[1]], [m[1]])
-    if (!job || job.gunzip.destroyed) return back()
-    job.gunzip.write(new Uint8Array(m[1], 0, m[2]), back)
-  } else if (job && m[1]) job.gunzip.end()
-  else if (job) {
-    job.aborted = true
-    job.gunzip.destroy(new Error('aborted'))
-  }
+    if (!job) return back()
+    job.push(() => job.feed(new Uint8Array(m[1], 0, m[2]), back))
+  } else if (job && m[1]) job.push(() => job.end())
+  else if (job) job.abort()
 })
 `
 
@@ -342,9 +371,9 @@ interface Job {
 }
 
 /**
- * The process's decompression thread, started on first use; it does not keep the process
- * alive when idle. If it fails, every job it holds fails (reported, so counted as cache
- * errors), and later layers are decompressed on the main thread.
+ * One of the process's decompression threads; it does not keep the process alive when idle. It
+ * takes the pieces of its jobs in the order they come. If it fails, every job it holds fails
+ * (reported, so counted as cache errors), and later layers are decompressed on the main thread.
  */
 class DecompressThread {
   readonly #worker: Worker
@@ -354,6 +383,11 @@ class DecompressThread {
 
   constructor() {
     this.#worker = startScriptWorker<Answer>(WORKER_SOURCE, 'blobcache decompression', (m) => this.#answer(m), (err) => this.#die(err))
+  }
+
+  /** Jobs it holds now. */
+  get load(): number {
+    return this.#jobs.size
   }
 
   get dead(): boolean {
@@ -389,14 +423,32 @@ class DecompressThread {
     this.#dead = err
     threadFailed = true
     log('decompression thread failed: %s', err.message)
-    if (thread === this) thread = undefined
+    const at = threads.indexOf(this)
+    if (at >= 0) threads.splice(at, 1)
     const jobs = [...this.#jobs.values()]
     this.#jobs.clear()
     for (const job of jobs) job.finish({ err })
   }
 }
 
-let thread: DecompressThread | undefined
+/** The decompression threads: at most one per core (4 at most), started as layers come. */
+const threads: DecompressThread[] = []
+const MAX_THREADS = Math.max(1, Math.min(4, availableParallelism()))
+
+/** The least busy thread, or a new one while a layer would otherwise wait. */
+function pickThread(): DecompressThread {
+  let best = threads[0]
+  for (const t of threads) if (t.load < best.load) best = t
+  if (best && (best.load === 0 || threads.length >= MAX_THREADS)) return best
+  const started = new DecompressThread()
+  threads.push(started)
+  return started
+}
+/** How many decompression threads run now (for tests). */
+export function decompressionThreads(): number {
+  return threads.length
+}
+
 /** A thread has failed: later layers are decompressed on the main thread. */
 let threadFailed = false
 
@@ -450,8 +502,7 @@ class ThreadDecompression implements Decompression {
 
   constructor(dir: string, base: string, onError: CacheErrorHandler) {
     const tmp = tempPath(dir, base)
-    if (!thread || thread.dead) thread = new DecompressThread()
-    this.#thread = thread
+    this.#thread = pickThread()
     let finish!: (file: DerivedFile | undefined) => void
     this.done = new Promise((resolve) => (finish = resolve))
     running++
