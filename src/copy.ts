@@ -67,9 +67,9 @@ export interface CopyResult {
   /** Bytes written to the destination by copied blobs. */
   bytes: number
   /**
-   * Manifests not written because the destination already held each, unchanged, under the name
-   * it would have been given (nor were their blobs). With the top-level `digest` here, the copy
-   * wrote nothing at all.
+   * Manifests not written, and their blobs with them, because the destination already held
+   * each, unchanged, under the name it would have been given. With the top-level `digest` here,
+   * the copy wrote nothing at all.
    */
   present: Digest[]
 }

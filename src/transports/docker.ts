@@ -197,7 +197,7 @@ class DockerSource implements ImageSource {
 
 class DockerDestination implements ImageDestination {
   #pending: Buffer | undefined
-  /** The answer to the HEAD of the reference started by warmUp; undefined in it when that failed. */
+  /** The HEAD of the reference that warmUp started: its answer, or undefined when it failed. */
   #early: { answer: Promise<{ found: Awaited<ReturnType<typeof headManifest>> } | undefined>; stop: AbortController } | undefined
 
   constructor(

@@ -42,7 +42,7 @@ export interface CopySummary {
   mediaType: string
   blobs: { copied: number; reused: number }
   bytes: number
-  /** Manifests the destination already held under their names, written again nowhere (see CopyResult.present). */
+  /** Manifests the destination already held under their names, and that were not written again (see CopyResult.present). */
   present: string[]
   cache?: { hits: number; misses: number; errors: number }
   /** The shared cache tier's counts, after the flush (with --shared-cache). */
