@@ -309,8 +309,9 @@ class Job {
         return this.fail(err)
       }
       this.out.close(() => {
-        jobs.delete(this.id)
-        parentPort.postMessage([this.id, this.out.hash.digest('hex'), this.out.bytes])
+        // an abort while the file was being finished still removes it
+        if (this.aborted) return unlink(this.path, () => this.answer([this.id, null]))
+        this.answer([this.id, this.out.hash.digest('hex'), this.out.bytes])
       })
     })
   }
@@ -324,12 +325,11 @@ class Job {
     this.over = true
     if (this.inflater) this.inflater.close()
     this.inflater = null
-    this.out.close(() =>
-      unlink(this.path, () => {
-        jobs.delete(this.id)
-        parentPort.postMessage(this.aborted ? [this.id, null] : [this.id, null, String(err.message || err), err.code])
-      }),
-    )
+    this.out.close(() => unlink(this.path, () => this.answer(this.aborted ? [this.id, null] : [this.id, null, String(err.message || err), err.code])))
+  }
+  answer(message) {
+    jobs.delete(this.id)
+    parentPort.postMessage(message)
   }
 }
 function start(id, path) {
