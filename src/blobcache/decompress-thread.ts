@@ -41,7 +41,7 @@ const jobs = new Map()
 // The file is written as DirectWriter (src/io/direct-write.ts) writes: staged in page-aligned
 // memory, with O_DIRECT through a second descriptor of the open file, the tail padded and the
 // size set by ftruncate; a failed direct write goes again, and every later one goes, through
-// the plain descriptor. Where that cannot be had, a plain write stream.
+// the plain descriptor. Where O_DIRECT cannot be had, every write goes through it from the start.
 const REMOTE = new Set([${REMOTE_FILE_SYSTEM_TYPES.join(', ')}])
 const remoteDevices = new Map()
 function onRemote(fd) {
