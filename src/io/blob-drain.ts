@@ -41,8 +41,6 @@ export function drainInto(stream: Readable, file: BlobFile, opts: DrainOptions =
       reject(err)
     }
     const onAbort = () => fail(signal!.reason)
-    if (signal?.aborted) return onAbort()
-    signal?.addEventListener('abort', onAbort, { once: true })
     const resume = () => {
       if (!done) stream.resume()
     }
@@ -66,5 +64,9 @@ export function drainInto(stream: Readable, file: BlobFile, opts: DrainOptions =
         resolve(written)
       }, fail)
     })
+    // only now: the listener `finished` added hears the error the stream is destroyed with (a
+    // copy's pipeline may have let go of the stream already, and an error nobody hears throws)
+    if (signal?.aborted) return onAbort()
+    signal?.addEventListener('abort', onAbort, { once: true })
   })
 }
