@@ -162,6 +162,10 @@ const HEADER = 0, BODY = 1, TRAILER = 2, NEXT = 3, PADDING = 4
 function zlibError(message, code) {
   return Object.assign(new Error(message), { code })
 }
+// Where readHeader is in a member's header (it starts a member).
+function newHeader() {
+  return { seen: 0, flags: 0, lengthBytes: 0, extra: 0, crcBytes: 0 }
+}
 // Reads header bytes from buf at i; returns where the member's deflate data starts, or -1 when
 // buf ends first (h keeps the place).
 function readHeader(h, buf, i) {
@@ -211,7 +215,7 @@ class Job {
     this.path = path
     this.out = out
     this.state = HEADER
-    this.header = { seen: 0, flags: 0, lengthBytes: 0, extra: 0, crcBytes: 0 }
+    this.header = newHeader()
     this.trailer = Buffer.alloc(8)
     this.trailerBytes = 0
     this.inflater = null
@@ -289,7 +293,7 @@ class Job {
           this.state = PADDING
         } else {
           this.state = HEADER
-          this.header = { seen: 0, flags: 0, lengthBytes: 0, extra: 0, crcBytes: 0 }
+          this.header = newHeader()
           this.trailerBytes = 0
         }
       }
