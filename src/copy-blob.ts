@@ -6,7 +6,7 @@ import { compressStream, decompressStream, detectCompression, peekCompression } 
 import { type Digest, verifyDigest } from './digest.js'
 import { ImageError } from './errors.js'
 import { layerMediaType } from './manifest.js'
-import type { BlobInfo, CompressionAlgorithm, DetectedAlgorithm, ImageDestination, ImageSource, LayerCompression } from './types.js'
+import type { BlobInfo, CompressionAlgorithm, DetectedAlgorithm, ImageDestination, ImageSource, LayerCompression, PutBlobOptions } from './types.js'
 import { mayLendSlabs, sharedPiece } from './io/hash-thread.js'
 
 const log = debug('blobcache:copy')
@@ -165,6 +165,16 @@ export class BlobCopier {
       const step = req.mayTransform && detected !== undefined ? this.#step(detected) : undefined
       if (!step) return this.#putFile(file, req, detected)
       log('layer %s: verified file %s needs %o, streaming instead', info.digest, file, step)
+    } else if (!file && this.dest.putBlobFromLocalFile && this.src.getLocalBlobPath) {
+      // the source's own file, read (and verified) by the destination itself
+      const local = await this.src.getLocalBlobPath(info, { signal })
+      const head = local && kind === 'layer' ? await readHead(local).catch(() => undefined) : undefined
+      if (local && (kind === 'config' || head)) {
+        const detected = head ? detectCompression(head) : undefined
+        const step = req.mayTransform && detected !== undefined ? this.#step(detected) : undefined
+        if (!step) return this.#putFile(local, req, detected, true)
+        log('layer %s: local file %s needs %o, streaming instead', info.digest, local, step)
+      }
     }
     return this.#stream(req)
   }
@@ -173,11 +183,20 @@ export class BlobCopier {
     return compressionStep(detected, this.opts.op, this.opts.algorithm, this.opts.explicitAlgorithm)
   }
 
-  async #putFile(file: string, req: BlobRequest, detected: DetectedAlgorithm | null | undefined): Promise<BlobOutcome> {
+  /**
+   * Stores the blob from a local file: a verified one with putBlobFromFile, or (`unverified`)
+   * the source's own with putBlobFromLocalFile, which verifies it and reports progress.
+   */
+  async #putFile(file: string, req: BlobRequest, detected: DetectedAlgorithm | null | undefined, unverified = false): Promise<BlobOutcome> {
     const { info, kind } = req
-    log('%s %s from verified file %s', kind, info.digest, file)
+    log('%s %s from %s file %s', kind, info.digest, unverified ? 'local' : 'verified', file)
     this.#emit({ type: 'start', digest: info.digest, size: info.size, kind })
-    const stored = await this.dest.putBlobFromFile!(file, info, { signal: this.opts.signal, isConfig: kind === 'config' })
+    const opts: PutBlobOptions = { signal: this.opts.signal, isConfig: kind === 'config' }
+    let stored: BlobInfo
+    if (unverified) {
+      if (this.opts.onProgress) opts.onProgress = (bytes) => this.#emit({ type: 'progress', digest: info.digest, size: info.size, bytes, kind })
+      stored = await this.dest.putBlobFromLocalFile!(file, info, opts)
+    } else stored = await this.dest.putBlobFromFile!(file, info, opts)
     checkStored(stored, info.digest, info.size)
     const size = stored.size >= 0 ? stored.size : info.size
     this.#done(req, info.digest, size)

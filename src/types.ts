@@ -130,6 +130,12 @@ export interface ImageSource {
   getBlobAt?(info: BlobInfo, chunks: BlobChunk[], opts?: CallOptions): AsyncIterable<Readable>
   /** Optional: the local path of a blob whose bytes are known to match its digest. */
   getVerifiedBlobPath?(info: BlobInfo, opts?: CallOptions): Promise<string | undefined>
+  /**
+   * Optional: the path of the local regular file that holds the blob as the source stores it
+   * (a layout's blob), or undefined. Its bytes are NOT verified: whoever reads it verifies
+   * them before anything is named by them, as with {@link getBlob}'s stream.
+   */
+  getLocalBlobPath?(info: BlobInfo, opts?: CallOptions): Promise<string | undefined>
   /** Releases what the source holds (temp dirs, connections). */
   close(): Promise<void>
 }
@@ -138,6 +144,8 @@ export interface ImageSource {
 export interface PutBlobOptions extends CallOptions {
   /** The blob is the image config. */
   isConfig?: boolean
+  /** Told the bytes read so far, now and then, by putBlobFromLocalFile (which reads by itself). */
+  onProgress?: (bytes: number) => void
 }
 
 /** An image being written. Nothing is visible under its name before `commit()`. */
@@ -159,6 +167,12 @@ export interface ImageDestination {
    * for example by `fs.copyFile`. Same contract as putBlob otherwise.
    */
   putBlobFromFile?(path: string, info: BlobInfo, opts?: PutBlobOptions): Promise<BlobInfo>
+  /**
+   * Optional: stores a blob from a local file that is NOT known to match `info.digest` (see
+   * {@link ImageSource.getLocalBlobPath}). It MUST verify the bytes as putBlob verifies its
+   * stream (`DIGEST_INVALID`, `SIZE_INVALID`, keeping nothing) and only read the file.
+   */
+  putBlobFromLocalFile?(path: string, info: BlobInfo, opts?: PutBlobOptions): Promise<BlobInfo>
   /**
    * Optional, with putBlobFromFile: the directory it hard-links files into, unread, when they
    * are on its file system. A file given from anywhere else is read again (copied), so a writer

@@ -1,12 +1,12 @@
 import { randomBytes } from 'node:crypto'
 import { availableParallelism } from 'node:os'
-import { readdir, readFile } from 'node:fs/promises'
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { crc32, deflateRawSync, gunzipSync, gzipSync } from 'node:zlib'
 import { describe, expect, it } from 'vitest'
 import { testDir } from '../../test/helpers/conformance.js'
 import { digestOf } from '../digest.js'
-import { PIECE_BYTES, decompressionThreads, threadDecompression } from './decompress-thread.js'
+import { FileCopyError, PIECE_BYTES, copyFileOnThread, decompressionThreads, threadDecompression } from './decompress-thread.js'
 
 const chunks = (data: Buffer, n: number) => Array.from({ length: Math.ceil(data.length / n) }, (_, i) => data.subarray(i * n, (i + 1) * n))
 
@@ -121,6 +121,112 @@ function nodeGunzip(input: Buffer): { plain: Buffer } | { code: string } {
     return { code: (err as NodeJS.ErrnoException).code! }
   }
 }
+
+describe('file jobs: a local file copied, hashed and gunzipped by the thread', () => {
+  // a layer larger than a stage, with a tail that is no multiple of the alignment
+  const plain = Buffer.concat([randomBytes(1_500_000), Buffer.alloc(2 << 20, 'z'), Buffer.from('the end')])
+  const layer = gzipSync(plain)
+  const hexOf = (b: Buffer, alg = 'sha256') => digestOf(b, alg as 'sha256').split(':')[1]
+
+  async function source(bytes: Buffer): Promise<{ dir: string; path: string }> {
+    const dir = await testDir()
+    const path = join(dir, 'source')
+    await writeFile(path, bytes)
+    return { dir, path }
+  }
+
+  it.each([
+    ['with O_DIRECT', true],
+    ['through the page cache', false],
+  ])('copies the file with its digest and size, and the decompressed file with its own (%s)', async (_name, direct) => {
+    const { dir, path } = await source(layer)
+    const progress: number[] = []
+    const spec = { source: path, size: layer.length, copy: join(dir, '.tmp-copy'), algorithm: 'sha256' as const, direct, out: join(dir, '.tmp-out') }
+    const result = await copyFileOnThread(spec, { onProgress: (n) => progress.push(n) })!
+    expect(result.hex).toBe(hexOf(layer))
+    expect(result.bytes).toBe(layer.length)
+    expect(result.out).toEqual({ hex: hexOf(plain), bytes: plain.length })
+    expect((await readFile(spec.copy)).equals(layer)).toBe(true)
+    expect((await readFile(spec.out)).equals(plain)).toBe(true)
+    expect(await readFile(path)).toEqual(layer) // only read
+    expect(progress.length === 0 || progress.every((n) => n > 0 && n <= layer.length)).toBe(true)
+  })
+
+  it('hashes with the digest\'s algorithm and copies a file it does not gunzip', async () => {
+    const big = randomBytes((5 << 20) + 3)
+    const { dir, path } = await source(big)
+    const progress: number[] = []
+    const result = await copyFileOnThread(
+      { source: path, size: -1, copy: join(dir, '.tmp-copy'), algorithm: 'sha512', direct: true },
+      { onProgress: (n) => progress.push(n) },
+    )!
+    expect(result).toEqual({ hex: hexOf(big, 'sha512'), bytes: big.length })
+    expect((await readFile(join(dir, '.tmp-copy'))).equals(big)).toBe(true)
+    expect(progress[0]).toBe(4 << 20)
+  })
+
+  it('a file of another size than expected fails SIZE_INVALID on the source side and leaves no file', async () => {
+    for (const size of [layer.length - 1, layer.length + 1]) {
+      const { dir, path } = await source(layer)
+      const spec = { source: path, size, copy: join(dir, '.tmp-copy'), algorithm: 'sha256' as const, direct: true, out: join(dir, '.tmp-out') }
+      const err = await copyFileOnThread(spec)!.catch((e: unknown) => e)
+      expect(err).toBeInstanceOf(FileCopyError)
+      expect(err).toMatchObject({ side: 'source', code: 'SIZE_INVALID' })
+      expect((await readdir(dir)).sort()).toEqual(['source'])
+    }
+  })
+
+  it('a missing source fails on the source side; a copy that cannot be created on the cache side', async () => {
+    const { dir, path } = await source(layer)
+    const missing = await copyFileOnThread({ source: join(dir, 'nothing'), size: -1, copy: join(dir, '.tmp-a'), algorithm: 'sha256', direct: true })!.catch((e: unknown) => e)
+    expect(missing).toMatchObject({ side: 'source', code: 'ENOENT' })
+    const noDir = await copyFileOnThread({ source: path, size: -1, copy: join(dir, 'gone', '.tmp-b'), algorithm: 'sha256', direct: true, out: join(dir, '.tmp-c') })!.catch((e: unknown) => e)
+    expect(noDir).toMatchObject({ side: 'cache', code: 'ENOENT' })
+    expect((await readdir(dir)).sort()).toEqual(['source'])
+  })
+
+  it('a directory as the source is refused', async () => {
+    const { dir } = await source(layer)
+    await mkdir(join(dir, 'sub'))
+    const err = await copyFileOnThread({ source: join(dir, 'sub'), size: -1, copy: join(dir, '.tmp-a'), algorithm: 'sha256', direct: true })!.catch((e: unknown) => e)
+    expect(err).toMatchObject({ side: 'source' })
+    expect((await readdir(dir)).sort()).toEqual(['source', 'sub'])
+  })
+
+  it('corrupt gzip loses only the decompressed file: the copy is made', async () => {
+    const bad = Buffer.from(layer)
+    bad.fill(0xff, 10, 20) // the first deflate block: reserved type 11
+    const { dir, path } = await source(bad)
+    const spec = { source: path, size: bad.length, copy: join(dir, '.tmp-copy'), algorithm: 'sha256' as const, direct: true, out: join(dir, '.tmp-out') }
+    const result = await copyFileOnThread(spec)!
+    expect(result.hex).toBe(hexOf(bad))
+    expect(result.out && 'error' in result.out ? result.out.error.message : '').not.toBe('')
+    expect((await readdir(dir)).sort()).toEqual(['.tmp-copy', 'source'])
+  })
+
+  it('a decompressed file that cannot be created loses only that file', async () => {
+    const { dir, path } = await source(layer)
+    const spec = { source: path, size: -1, copy: join(dir, '.tmp-copy'), algorithm: 'sha256' as const, direct: true, out: join(dir, 'gone', '.tmp-out') }
+    const result = await copyFileOnThread(spec)!
+    expect(result.hex).toBe(hexOf(layer))
+    expect(result.out && 'error' in result.out ? (result.out.error as NodeJS.ErrnoException).code : '').toBe('ENOENT')
+  })
+
+  it('an abort rejects with its reason and leaves no file', async () => {
+    const big = gzipSync(Buffer.concat([randomBytes(8 << 20), Buffer.alloc(24 << 20, 'q')]))
+    const { dir, path } = await source(big)
+    for (const when of [0, 1]) {
+      const ac = new AbortController()
+      const copy = copyFileOnThread(
+        { source: path, size: big.length, copy: join(dir, `.tmp-copy${when}`), algorithm: 'sha256', direct: true, out: join(dir, `.tmp-out${when}`) },
+        { signal: ac.signal, onProgress: () => ac.abort(new Error('stop')) },
+      )!
+      if (when === 0) ac.abort(new Error('stop'))
+      await expect(copy).rejects.toThrow('stop')
+      expect((await readdir(dir)).sort()).toEqual(['source'])
+    }
+  })
+})
 
 describe('decompression thread: the gzip format (raw inflate, members parsed by the thread)', () => {
   const text = Buffer.from('layer bytes '.repeat(5000))

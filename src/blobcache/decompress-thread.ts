@@ -12,7 +12,7 @@
 import { availableParallelism } from 'node:os'
 import type { Worker } from 'node:worker_threads'
 import debug from 'debug'
-import type { Digest } from '../digest.js'
+import type { Digest, DigestAlgorithm } from '../digest.js'
 import { REMOTE_FILE_SYSTEM_TYPES } from '../io/direct-write.js'
 import { startScriptWorker } from '../io/script-worker.js'
 import { removeQuietly, tempPath } from './files.js'
@@ -33,7 +33,7 @@ const SLACK = 4 << 20
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads')
 const { createHash } = require('node:crypto')
-const { close: fsClose, constants: fsc, fstatSync, ftruncate, openSync, statfsSync, unlink, write: fsWrite } = require('node:fs')
+const { close: fsClose, constants: fsc, fstatSync, ftruncate, openSync, readSync, statfsSync, unlink, write: fsWrite } = require('node:fs')
 const { createInflateRaw, constants: { Z_NO_FLUSH } } = require('node:zlib')
 const CHUNK = 1 << 20
 const jobs = new Map()
@@ -66,15 +66,15 @@ function newStage() {
 // fills: no other buffer is made or copied. With O_DIRECT, as said above, where it can be had;
 // else through the plain descriptor from the same stages.
 class Output {
-  constructor(fd) {
+  constructor(fd, algorithm = 'sha256', mayDirect = true) {
     this.fd = fd
     this.direct = -1
-    if (process.env.BLOBCACHE_DIRECT_IO !== '0' && fsc.O_DIRECT && !onRemote(fd)) {
+    if (mayDirect && process.env.BLOBCACHE_DIRECT_IO !== '0' && fsc.O_DIRECT && !onRemote(fd)) {
       try {
         this.direct = openSync('/proc/self/fd/' + fd, fsc.O_WRONLY | fsc.O_DIRECT)
       } catch {}
     }
-    if (this.direct < 0 && process.env.BLOBCACHE_DIRECT_IO === '1') {
+    if (mayDirect && this.direct < 0 && process.env.BLOBCACHE_DIRECT_IO === '1') {
       throw Object.assign(new Error('no direct writes (BLOBCACHE_DIRECT_IO=1 asks for them)'), { code: 'ENOTSUP' })
     }
     this.stages = [newStage(), newStage()]
@@ -83,7 +83,7 @@ class Output {
     this.inFlight = false
     this.waiter = null
     this.failed = null
-    this.hash = createHash('sha256')
+    this.hash = createHash(algorithm)
     this.bytes = 0
   }
   // bytes free in stages[0] (a full one is handed to the disk first); 0 while both are busy
@@ -210,8 +210,9 @@ function readHeader(h, buf, i) {
 // use it), which inflates straight into the Output's stage. Pieces are handled in the order
 // they came; each goes back to the main thread (back) once all its bytes are taken.
 class Job {
-  constructor(id, path, out) {
+  constructor(id, path, out, reply = (message) => parentPort.postMessage(message)) {
     this.id = id
+    this.reply = reply
     this.path = path
     this.out = out
     this.state = HEADER
@@ -333,7 +334,169 @@ class Job {
   }
   answer(message) {
     jobs.delete(this.id)
-    parentPort.postMessage(message)
+    this.reply(message)
+  }
+}
+// A blob the thread reads from a local file itself (a layout's blob): read straight into the
+// page-aligned stages of its copy, the cache's .tmp- file (hashed there with the blob's
+// algorithm, and written with O_DIRECT unless told not to), and from the same memory given to
+// a Job inflating it into the decompressed file when it is a gzip layer. The main thread
+// touches none of the bytes. A failure of the source or of the copy ends it ([id, null, message,
+// code, side], side 'source' or 'cache', nothing left); one of the decompression only loses
+// the decompressed file. It ends with [id, { hex, bytes, out }], out being the Job's answer.
+// Progress: [id, bytes read] every PROGRESS bytes.
+const PROGRESS = 4 << 20
+class FileJob {
+  constructor(id, spec) {
+    this.id = id
+    this.spec = spec
+    this.src = -1
+    this.copy = null
+    this.inflate = null
+    this.inflated = null
+    this.copied = null
+    this.pos = 0
+    this.reported = 0
+    this.over = false
+    this.aborted = false
+    this.finishing = false
+    this.removed = null
+  }
+  start() {
+    const { source, copy, algorithm, direct, out } = this.spec
+    try {
+      this.src = openSync(source, fsc.O_RDONLY)
+      if (!fstatSync(this.src).isFile()) throw zlibError(source + ': not a regular file', 'EINVAL')
+    } catch (err) {
+      return this.fail(err, 'source', false)
+    }
+    let fd = -1
+    try {
+      fd = openSync(copy, 'wx', 0o644)
+      this.copy = new Output(fd, algorithm, direct)
+    } catch (err) {
+      if (fd >= 0) fsClose(fd, () => {})
+      return this.fail(err, 'cache', fd >= 0)
+    }
+    if (out) {
+      let ofd = -1
+      try {
+        ofd = openSync(out, 'wx', 0o644)
+        this.inflate = new Job(0, out, new Output(ofd), (m) => this.inflateDone(m))
+      } catch (err) {
+        if (ofd >= 0) {
+          fsClose(ofd, () => {})
+          unlink(out, () => {})
+        }
+        this.inflated = [0, null, String(err.message || err), err.code]
+      }
+    }
+    this.step()
+  }
+  // reads and hands on until the copy's stages are busy, the inflater waits for its file, or
+  // the file ends
+  step() {
+    const { size } = this.spec
+    try {
+      for (;;) {
+        if (this.over) return
+        if (this.copy.failed) throw this.copy.failed
+        const room = this.copy.room()
+        if (room === 0) {
+          this.copy.waiter = () => this.step()
+          return
+        }
+        const stage = this.copy.stages[0]
+        const at = this.copy.filled
+        let n
+        try {
+          n = readSync(this.src, stage, at, size >= 0 ? Math.min(room, size + 1 - this.pos) : room, this.pos)
+        } catch (err) {
+          return this.fail(err, 'source')
+        }
+        if (n === 0) return this.eof()
+        this.copy.took(n)
+        this.pos += n
+        if (size >= 0 && this.pos > size) return this.fail(zlibError('more than the expected ' + size + ' bytes', 'SIZE_INVALID'), 'source')
+        if (this.pos - this.reported >= PROGRESS) {
+          this.reported = this.pos
+          parentPort.postMessage([this.id, this.pos])
+        }
+        if (!this.inflate) continue
+        let sync = true
+        let taken = false
+        this.inflate.run(stage.subarray(at, at + n), 0, () => {
+          if (sync) taken = true
+          else this.step()
+        })
+        sync = false
+        if (!taken) return
+      }
+    } catch (err) {
+      this.fail(err, 'cache')
+    }
+  }
+  eof() {
+    const { size } = this.spec
+    if (size >= 0 && this.pos !== size) return this.fail(zlibError('ended after ' + this.pos + ' of the expected ' + size + ' bytes', 'SIZE_INVALID'), 'source')
+    fsClose(this.src, () => {})
+    this.src = -1
+    if (this.inflate) this.inflate.end()
+    const copy = this.copy
+    this.finishing = true
+    copy.finish((err) => {
+      this.finishing = false
+      // a failure or an abort came meanwhile, and left the copy to be closed here
+      if (this.over) return copy.close(this.removed)
+      if (err) return this.fail(err, 'cache')
+      this.copy = null
+      const copied = { hex: copy.hash.digest('hex'), bytes: copy.bytes }
+      copy.close(() => {
+        this.copied = copied
+        this.settle()
+      })
+    })
+  }
+  inflateDone(m) {
+    this.inflate = null
+    this.inflated = m
+    this.settle()
+  }
+  settle() {
+    if (this.over || !this.copied || this.inflate) return
+    this.over = true
+    jobs.delete(this.id)
+    const m = this.inflated
+    const out = !m ? null : typeof m[1] === 'string' ? { hex: m[1], bytes: m[2] } : { error: m.length > 2 ? m[2] : 'aborted', code: m[3] }
+    parentPort.postMessage([this.id, { hex: this.copied.hex, bytes: this.copied.bytes, out }])
+  }
+  abort() {
+    this.aborted = true
+    this.fail(new Error('aborted'), 'abort')
+  }
+  // ends the job once: every file it made closed and removed, then the answer
+  fail(err, side, made = true) {
+    if (this.over) return
+    this.over = true
+    jobs.delete(this.id)
+    if (this.src >= 0) fsClose(this.src, () => {})
+    this.src = -1
+    const inflate = this.inflate
+    this.inflate = null
+    if (inflate) {
+      inflate.reply = () => {}
+      inflate.abort()
+    } else if (this.inflated && typeof this.inflated[1] === 'string') unlink(this.spec.out, () => {})
+    const answer = () => parentPort.postMessage(this.aborted ? [this.id, null] : [this.id, null, String(err.message || err), err.code, side])
+    const removed = () => (made ? unlink(this.spec.copy, answer) : answer())
+    const copy = this.copy
+    if (copy && this.finishing) {
+      this.removed = removed
+      return
+    }
+    this.copy = null
+    if (copy) copy.close(removed)
+    else removed()
   }
 }
 function start(id, path) {
@@ -355,6 +518,11 @@ function start(id, path) {
 parentPort.on('message', (m) => {
   const id = m[0]
   if (typeof m[1] === 'string') return start(id, m[1])
+  if (m[1] !== null && typeof m[1] === 'object' && !(m[1] instanceof ArrayBuffer)) {
+    const job = new FileJob(id, m[1])
+    jobs.set(id, job)
+    return job.start()
+  }
   const job = jobs.get(id)
   if (m.length === 3) {
     const back = () => parentPort.postMessage([id, m[1]], [m[1]])
@@ -365,13 +533,27 @@ parentPort.on('message', (m) => {
 })
 `
 
-type Answer = [number, ArrayBuffer] | [number, string, number] | [number, null, string?, string?]
+/** A file job's answer: the copy's hash and size, and the decompressed file's outcome. */
+interface FileAnswer {
+  hex: string
+  bytes: number
+  out: { hex: string; bytes: number } | { error: string; code?: string } | null
+}
+
+type Answer =
+  | [number, ArrayBuffer]
+  | [number, number]
+  | [number, string, number]
+  | [number, FileAnswer]
+  | [number, null, string?, string?, ('source' | 'cache')?]
 
 interface Job {
   /** Called for each piece taken, with its buffer back. */
   taken(buffer: ArrayBuffer): void
+  /** A file job's bytes read so far. */
+  progress?(bytes: number): void
   /** Called once, with the job's last answer (or the thread's failure). */
-  finish(answer: { hex: string; bytes: number } | { err: Error } | undefined): void
+  finish(answer: { hex: string; bytes: number } | { file: FileAnswer } | { err: Error & { side?: string } } | undefined): void
 }
 
 /**
@@ -398,12 +580,12 @@ class DecompressThread {
     return this.#dead !== undefined
   }
 
-  /** Starts a job writing `path`; returns its id. */
-  start(path: string, job: Job): number {
+  /** Starts a job: gunzipping pieces into `what` (a path), or a file job (see FileCopySpec); returns its id. */
+  start(what: string | FileCopySpec, job: Job): number {
     const id = this.#next++
     if (this.#jobs.size === 0) this.#worker.ref()
     this.#jobs.set(id, job)
-    this.#worker.postMessage([id, path])
+    this.#worker.postMessage([id, what])
     return id
   }
 
@@ -415,11 +597,13 @@ class DecompressThread {
     const job = this.#jobs.get(m[0])
     if (!job) return
     if (m[1] instanceof ArrayBuffer) return job.taken(m[1])
+    if (typeof m[1] === 'number') return job.progress?.(m[1])
     this.#jobs.delete(m[0])
     if (this.#jobs.size === 0) this.#worker.unref()
     if (typeof m[1] === 'string') job.finish({ hex: m[1], bytes: m[2] as number })
+    else if (m[1] !== null) job.finish({ file: m[1] })
     else if (m.length === 2) job.finish(undefined)
-    else job.finish({ err: Object.assign(new Error(m[2] as string), m[3] ? { code: m[3] } : {}) })
+    else job.finish({ err: Object.assign(new Error(m[2] as string), m[3] ? { code: m[3] } : {}, m[4] ? { side: m[4] } : {}) })
   }
 
   #die(err: Error): void {
@@ -521,7 +705,7 @@ class ThreadDecompression implements Decompression {
           finish({ tmp, digest: `sha256:${answer.hex}` as Digest })
           return
         }
-        if (answer && !this.#aborted) onError(`decompressing ${base} (gzip)`, answer.err)
+        if (answer && 'err' in answer && !this.#aborted) onError(`decompressing ${base} (gzip)`, answer.err)
         // the thread removed it already, unless it died
         removeQuietly(tmp).then(() => finish(undefined))
       },
@@ -581,4 +765,97 @@ class ThreadDecompression implements Decompression {
     this.#waiting = undefined
     waiting?.()
   }
+}
+
+/** What {@link copyFileOnThread} does: copy a local file, hashing it, and maybe gunzip it too. */
+export interface FileCopySpec {
+  /** The file to read: a blob as a source stores it, not verified. */
+  source: string
+  /** The bytes it MUST have, or -1. */
+  size: number
+  /** The copy to create (a new file, mode 0644; it MUST NOT exist). */
+  copy: string
+  /** The algorithm the copy is hashed with (the blob digest's). */
+  algorithm: DigestAlgorithm
+  /** Whether the copy may be written with O_DIRECT (nothing reads it again soon). */
+  direct: boolean
+  /** Gunzip the bytes into this new file as well (hashed with sha256). */
+  out?: string
+}
+
+/** What {@link copyFileOnThread} made. */
+export interface FileCopyResult {
+  /** The copy's digest (hex, in the spec's algorithm) and size. */
+  hex: string
+  bytes: number
+  /** With `out`: the decompressed file's sha256 (hex) and size, or why it was not made (it is gone then). */
+  out?: { hex: string; bytes: number } | { error: Error }
+}
+
+/**
+ * A failure of {@link copyFileOnThread}: reading the source (`source`: a missing file, a read
+ * error, a size other than the expected one, as `SIZE_INVALID`) or writing the copy (`cache`,
+ * also when the thread failed). Neither file is left.
+ */
+export class FileCopyError extends Error {
+  constructor(
+    message: string,
+    readonly side: 'source' | 'cache',
+    readonly code?: string,
+  ) {
+    super(message)
+    this.name = 'FileCopyError'
+  }
+}
+
+/**
+ * Copies `spec.source` to the new file `spec.copy` on a decompression thread, which reads the
+ * bytes into the memory they are written from and hashes them there, and with `spec.out` also
+ * gunzips them into that file (a failure to do so loses only that file). Nothing passes through
+ * this thread. `onProgress` hears the bytes read every 4 MiB. An abort rejects with the
+ * signal's reason once the files are gone. Undefined when a thread failed before (the caller
+ * then copies on its own).
+ */
+export function copyFileOnThread(
+  spec: FileCopySpec,
+  opts: { signal?: AbortSignal; onProgress?: (bytes: number) => void } = {},
+): Promise<FileCopyResult> | undefined {
+  if (threadFailed) return undefined
+  const { signal } = opts
+  signal?.throwIfAborted()
+  let thread: DecompressThread
+  try {
+    thread = pickThread()
+  } catch (err) {
+    threadFailed = true
+    log('no decompression thread: %s', (err as Error).message)
+    return undefined
+  }
+  return new Promise<FileCopyResult>((resolve, reject) => {
+    let id = 0
+    const onAbort = () => thread.post([id, false])
+    const removeAll = () => Promise.all([removeQuietly(spec.copy), spec.out ? removeQuietly(spec.out) : undefined])
+    id = thread.start(spec, {
+      taken: () => {},
+      progress: opts.onProgress,
+      finish: (answer) => {
+        signal?.removeEventListener('abort', onAbort)
+        if (answer && 'file' in answer) {
+          const { hex, bytes, out } = answer.file
+          const result: FileCopyResult = { hex, bytes }
+          if (out && 'hex' in out) result.out = out
+          else if (out) result.out = { error: Object.assign(new Error(out.error), out.code ? { code: out.code } : {}) }
+          return resolve(result)
+        }
+        const err = answer && 'err' in answer ? answer.err : undefined
+        // the thread removed both files already, unless it died
+        removeAll().then(() => {
+          if (!err || signal?.aborted) return reject(signal?.reason ?? new Error('aborted'))
+          const side = err.side === 'source' ? 'source' : 'cache'
+          reject(new FileCopyError(err.message, side, (err as NodeJS.ErrnoException).code))
+        })
+      },
+    })
+    signal?.addEventListener('abort', onAbort, { once: true })
+  })
 }

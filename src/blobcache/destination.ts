@@ -5,7 +5,7 @@
 // the cache (or from the shared tier). Every entry stored or found here is also queued for the
 // shared tier, when the cache has one.
 import { createReadStream } from 'node:fs'
-import { lstat, open, stat } from 'node:fs/promises'
+import { lstat, open, rename, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { type Readable, Writable, pipeline } from 'node:stream'
 import { pipeline as pipelinePromise } from 'node:stream/promises'
@@ -22,7 +22,9 @@ import type { Counters } from './stats.js'
 import { CacheTee, type CacheTeeOptions, CacheWriter, type TeeOutcome } from './tee.js'
 import { putThroughFile } from './through-file.js'
 import { type TierFetched, fetchFromTier } from './tier-reads.js'
-import { makeCompressedVariant } from './variants.js'
+import { makeCompressedVariant, storeDecompressed } from './variants.js'
+import { copyLocalFile, openLocalBlob } from './local-file.js'
+import { stampVerified } from './stamp.js'
 
 /** Blobs from this size on (or of unknown size) are written to the cache with direct I/O (see direct-write.ts). */
 const DIRECT_MIN_BYTES = 1 << 20
@@ -51,6 +53,14 @@ export class BlobCacheDestination implements ImageDestination {
    * there, and copies the file into the cache (re-hashed) when the cache lacks it.
    */
   readonly putBlobFromFile?: (path: string, info: BlobInfo, opts?: PutBlobOptions) => Promise<BlobInfo>
+  /**
+   * Present only when the wrapped destination has putBlobFromFile: stores a blob from the
+   * source's own local file, which is read once, on a decompression thread (see local-file.ts),
+   * verified, and given to putBlobFromFile; the entry and its decompressed form are named as
+   * putBlob names them. Small blobs and those the thread does not decompress are streamed
+   * through putBlob instead.
+   */
+  readonly putBlobFromLocalFile?: (path: string, info: BlobInfo, opts?: PutBlobOptions) => Promise<BlobInfo>
 
   constructor(
     readonly reference: BlobCache,
@@ -61,7 +71,10 @@ export class BlobCacheDestination implements ImageDestination {
     this.#counters = counters
     this.#dir = reference.directory
     if (inner.putSignatures) this.putSignatures = (sigs, d, o) => inner.putSignatures!(sigs, d, o)
-    if (inner.putBlobFromFile) this.putBlobFromFile = (path, info, o) => this.#putBlobFromFile(path, info, o)
+    if (inner.putBlobFromFile) {
+      this.putBlobFromFile = (path, info, o) => this.#putBlobFromFile(path, info, o)
+      this.putBlobFromLocalFile = (path, info, o) => this.#putBlobFromLocalFile(path, info, o)
+    }
   }
 
   /** The wrapped destination. */
@@ -256,6 +269,41 @@ export class BlobCacheDestination implements ImageDestination {
     }
     this.#afterStore(digest, name, info, opts, await tee.settle(await feeding))
     return result
+  }
+
+  async #putBlobFromLocalFile(path: string, info: BlobInfo, opts: PutBlobOptions = {}): Promise<BlobInfo> {
+    const streamed = async () => this.putBlob(await openLocalBlob(path, info, opts), info, opts)
+    if (!info.digest) return streamed()
+    const digest = parseDigest(info.digest)
+    const name = entryName(digest, opts.isConfig)
+    if (await this.#isCached(name, info.size)) return streamed()
+    const copied = await copyLocalFile(path, { ...info, digest }, name, opts, {
+      dir: this.#dir,
+      direct: () => this.#mayWriteDirect(true),
+      fromFile: (tmp) => this.#inner.putBlobFromFile!(tmp, { ...info, digest }, opts),
+      onError: (what, err) => this.#error(what, err),
+    })
+    if (!copied) return streamed()
+    const outcome: TeeOutcome = { verified: true, stored: false, algorithm: copied.algorithm }
+    const final = join(this.#dir, name)
+    try {
+      if (!(await fileExists(final))) {
+        await rename(copied.tmp, final)
+        await stampVerified(final, copied.bytes)
+        log('stored %s', name)
+      }
+    } catch (err) {
+      this.#error(`storing ${name}`, err)
+    } finally {
+      await removeQuietly(copied.tmp)
+    }
+    outcome.stored = await fileExists(final)
+    if (copied.decompressed) {
+      const onError = (what: string, err: unknown) => this.#error(what, err)
+      outcome.decompressed = await storeDecompressed(this.#dir, digest, 'gzip', copied.decompressed, onError)
+    }
+    this.#afterStore(digest, name, info, opts, outcome)
+    return copied.stored
   }
 
   /** True when the entry is cached already (with the expected size; a wrong-size one is removed). */

@@ -37,6 +37,15 @@ export class BlobCacheSource implements ImageSource {
   readonly #tier: SharedTier | undefined
   /** Hits already counted by getVerifiedBlobPath, so that a getBlob that follows is not counted twice. */
   readonly #pathHits = new Set<string>()
+  /** Misses already counted by getLocalBlobPath, likewise. */
+  readonly #localMisses = new Set<string>()
+
+  /**
+   * Present only when the wrapped source has it: the wrapped source's file of a blob, asked
+   * after getVerifiedBlobPath found none in the cache; counted as a miss (once: a getBlob of
+   * the same blob that follows is not counted again).
+   */
+  readonly getLocalBlobPath?: (info: BlobInfo, opts?: CallOptions) => Promise<string | undefined>
 
   constructor(
     readonly reference: BlobCache,
@@ -47,6 +56,7 @@ export class BlobCacheSource implements ImageSource {
     this.#counters = counters
     this.#dir = reference.directory
     this.#tier = reference.shared
+    if (inner.getLocalBlobPath) this.getLocalBlobPath = (info, o) => this.#localBlobPath(info, o)
   }
 
   /** The wrapped source. */
@@ -116,8 +126,17 @@ export class BlobCacheSource implements ImageSource {
       const served = await this.#openFetched(fetched, opts)
       if (served) return served
     }
-    this.#counters.miss()
+    if (!(info.digest && this.#localMisses.delete(info.digest))) this.#counters.miss()
     return this.#inner.getBlob(info, opts)
+  }
+
+  async #localBlobPath(info: BlobInfo, opts?: CallOptions): Promise<string | undefined> {
+    const path = await this.#inner.getLocalBlobPath!(info, opts)
+    if (path && info.digest && !this.#localMisses.has(info.digest)) {
+      this.#counters.miss()
+      this.#localMisses.add(info.digest)
+    }
+    return path
   }
 
   /** Forwards to the wrapped source. */

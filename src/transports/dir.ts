@@ -126,6 +126,12 @@ class DirSource implements ImageSource {
     return openBlob(this.reference.blobPath(digest), digest, opts)
   }
 
+  /** The blob's file, when it is a regular file; its bytes are not verified here. */
+  async getLocalBlobPath(info: BlobInfo): Promise<string | undefined> {
+    const path = this.reference.blobPath(requireDigest(info))
+    return (await fileSize(path)) === undefined ? undefined : path
+  }
+
   async getSignatures(instanceDigest?: Digest, opts?: CallOptions): Promise<Buffer[]> {
     const out: Buffer[] = []
     for (let n = 1; ; n++) {

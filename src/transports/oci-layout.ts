@@ -329,6 +329,12 @@ class OciLayoutSource implements ImageSource {
     return openBlob(this.reference.blobPath(digest), digest, opts)
   }
 
+  /** The blob's file, when it is a regular file; its bytes are not verified here. */
+  async getLocalBlobPath(info: BlobInfo): Promise<string | undefined> {
+    const path = this.reference.blobPath(requireDigest(info))
+    return (await fileSize(path)) === undefined ? undefined : path
+  }
+
   /** An OCI layout stores no signatures. */
   async getSignatures(): Promise<Buffer[]> {
     return []

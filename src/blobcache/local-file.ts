@@ -1,0 +1,144 @@
+// A blob copied from a source's own local file (an `oci:` or `dir:` layout's blob) into a cache
+// whose wrapped destination takes local files: a decompression thread reads the file into the
+// memory it writes the cache's `.tmp-` file from, hashes it there and, for a gzip layer,
+// gunzips the same bytes into the decompressed file, so no byte of the blob passes through the
+// main thread (see decompress-thread.ts). Only once the bytes hash to the digest is the file
+// given to the destination (a hard link for dir and oci on the same file system), and only once
+// the destination has it is the entry named. Blobs the thread is not worth starting for (small
+// ones), or that it cannot decompress (zstd, bzip2, xz), go the stream's way.
+import { open } from 'node:fs/promises'
+import { type Readable, addAbortSignal } from 'node:stream'
+import debug from 'debug'
+import { PEEK_BYTES, detectCompression } from '../compression.js'
+import { type Digest, checkDigest, digestAlgorithm } from '../digest.js'
+import { ImageError, errnoCode } from '../errors.js'
+import type { BlobInfo, CallOptions, DetectedAlgorithm, PutBlobOptions } from '../types.js'
+import { type FileCopyResult, FileCopyError, copyFileOnThread } from './decompress-thread.js'
+import { HIGH_WATER_MARK, fileExists, removeQuietly, tempPath } from './files.js'
+
+const log = debug('blobcache:blobcache:local-file')
+
+/** Blobs from this size on are copied by a thread even when there is nothing to decompress. */
+export const THREAD_COPY_MIN_BYTES = 1 << 20
+
+/** What {@link copyLocalFile} needs from the cache's destination. */
+export interface LocalFileTarget {
+  /** The cache directory. */
+  dir: string
+  /** Whether the cache's copy may skip the page cache (nothing reads it again soon). */
+  direct(): Promise<boolean>
+  /** The wrapped destination's putBlobFromFile, for the verified copy. */
+  fromFile(path: string): Promise<BlobInfo>
+  /** Reports a cache failure (counted; never fails the copy). */
+  onError(what: string, err: unknown): void
+}
+
+/** A blob copied by {@link copyLocalFile}: stored in the destination, its cache files not yet named. */
+export interface LocalFileCopy {
+  /** What the wrapped destination resolved. */
+  stored: BlobInfo
+  /** The verified copy, now also the destination's (to be named `<digest>`, else removed). */
+  tmp: string
+  bytes: number
+  algorithm: DetectedAlgorithm | null
+  /** The decompressed file and its digest, when one was made. */
+  decompressed?: { tmp: string; digest: Digest }
+}
+
+/**
+ * Copies the blob at `path` (not verified) into a new temporary file of the cache on a thread,
+ * with the decompressed file of a gzip layer, verifies it against `info.digest` and size and
+ * gives it to the destination. Resolves undefined, having done nothing, when the blob should be
+ * streamed instead: a small or non-gzip-compressed one, no thread, or a cache file that could not
+ * be written (reported). Rejects like putBlob: `DIGEST_INVALID`, `SIZE_INVALID`, `BLOB_UNKNOWN`
+ * for a missing file, the destination's error, or the abort's reason, with no file left.
+ */
+export async function copyLocalFile(
+  path: string,
+  info: BlobInfo & { digest: Digest },
+  name: string,
+  opts: PutBlobOptions,
+  target: LocalFileTarget,
+): Promise<LocalFileCopy | undefined> {
+  const { digest } = info
+  const head = await readHead(path)
+  if (!head) return undefined // the stream's way reports it
+  const algorithm = detectCompression(head)
+  const gunzip = algorithm === 'gzip' && !opts.isConfig
+  if (!gunzip && (algorithm !== null || opts.isConfig || (info.size >= 0 && info.size < THREAD_COPY_MIN_BYTES))) return undefined
+  const tmp = tempPath(target.dir, name)
+  const out = gunzip ? tempPath(target.dir, digest) : undefined
+  const direct = (info.size < 0 || info.size >= THREAD_COPY_MIN_BYTES) && (await target.direct())
+  const spec = { source: path, size: info.size, copy: tmp, algorithm: digestAlgorithm(digest), direct, out }
+  const copying = copyFileOnThread(spec, { signal: opts.signal, onProgress: opts.onProgress })
+  if (!copying) return undefined
+  let copied: FileCopyResult
+  try {
+    copied = await copying
+  } catch (err) {
+    if (opts.signal?.aborted) throw opts.signal.reason
+    if (!(err instanceof FileCopyError)) throw err
+    if (err.side === 'cache') {
+      target.onError(`writing ${name}`, err)
+      return undefined
+    }
+    if (err.code === 'SIZE_INVALID') throw new ImageError('SIZE_INVALID', `blob ${digest}: ${err.message}`)
+    if (err.code === 'ENOENT') throw new ImageError('BLOB_UNKNOWN', `blob ${digest}: ${path}: ${err.message}`)
+    throw Object.assign(new Error(`reading blob ${digest} from ${path}: ${err.message}`), err.code ? { code: err.code } : {})
+  }
+  const decompressed = copied.out && 'hex' in copied.out ? { tmp: out!, digest: `sha256:${copied.out.hex}` as Digest } : undefined
+  if (copied.out && 'error' in copied.out) target.onError(`decompressing ${digest} (gzip)`, copied.out.error)
+  const dropAll = () => Promise.all([removeQuietly(tmp), decompressed && removeQuietly(decompressed.tmp)])
+  try {
+    checkDigest({ digest: `${digestAlgorithm(digest)}:${copied.hex}` as Digest, bytes: copied.bytes }, { expected: digest, size: info.size })
+  } catch (err) {
+    await dropAll()
+    throw err
+  }
+  log('%s copied from %s (%d bytes)%s', digest, path, copied.bytes, decompressed ? `, decompressed ${decompressed.digest}` : '')
+  let stored: BlobInfo
+  try {
+    stored = await target.fromFile(tmp)
+  } catch (err) {
+    const gone = !opts.signal?.aborted && !(await fileExists(tmp))
+    await dropAll()
+    if (!gone) throw err
+    // something removed the cache's file meanwhile (a `cache clear`): the stream's way then
+    target.onError(`giving ${name} to the destination`, err)
+    return undefined
+  }
+  return { stored, tmp, bytes: copied.bytes, algorithm, decompressed }
+}
+
+/**
+ * The file as a stream of 1 MiB chunks (aborted with `opts.signal`), for the stream's way;
+ * a missing file is `BLOB_UNKNOWN`.
+ */
+export async function openLocalBlob(path: string, info: BlobInfo, opts: CallOptions = {}): Promise<Readable> {
+  opts.signal?.throwIfAborted()
+  let handle
+  try {
+    handle = await open(path, 'r')
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') throw new ImageError('BLOB_UNKNOWN', `blob ${info.digest ?? ''} (${path}): not found`, { cause: err })
+    throw err
+  }
+  const stream = handle.createReadStream({ highWaterMark: HIGH_WATER_MARK })
+  return opts.signal ? addAbortSignal(opts.signal, stream) : stream
+}
+
+/** The first bytes of the file, or undefined when it cannot be read. */
+async function readHead(path: string): Promise<Buffer | undefined> {
+  try {
+    const handle = await open(path, 'r')
+    try {
+      const buf = Buffer.alloc(PEEK_BYTES)
+      const { bytesRead } = await handle.read(buf, 0, buf.length, 0)
+      return buf.subarray(0, bytesRead)
+    } finally {
+      await handle.close()
+    }
+  } catch {
+    return undefined
+  }
+}
