@@ -283,7 +283,8 @@ export class BlobCacheDestination implements ImageDestination {
       fromFile: (tmp) => this.#inner.putBlobFromFile!(tmp, { ...info, digest }, opts),
       onError: (what, err) => this.#error(what, err),
     })
-    if (!copied) return streamed()
+    if (copied === undefined) return streamed()
+    if (copied === null) return this.#inner.putBlob(await openLocalBlob(path, info, opts), info, opts)
     const outcome: TeeOutcome = { verified: true, stored: false, algorithm: copied.algorithm }
     const final = join(this.#dir, name)
     try {

@@ -49,8 +49,8 @@ export interface LocalFileCopy {
  * Copies the blob at `path` (not verified) into a new temporary file of the cache on a thread,
  * with the decompressed file of a gzip layer, verifies it against `info.digest` and size and
  * gives it to the destination. Resolves undefined, having done nothing, when the blob should be
- * streamed instead: a small or non-gzip-compressed one, no thread, or a cache file that could not
- * be written (reported). Rejects like putBlob: `DIGEST_INVALID`, `SIZE_INVALID`, `BLOB_UNKNOWN`
+ * streamed through the cache instead (a small or non-gzip-compressed one, no thread), and null
+ * when the cache failed (reported): then the blob goes to the destination alone. Rejects like putBlob: `DIGEST_INVALID`, `SIZE_INVALID`, `BLOB_UNKNOWN`
  * for a missing file, the destination's error, or the abort's reason, with no file left.
  */
 export async function copyLocalFile(
@@ -59,7 +59,7 @@ export async function copyLocalFile(
   name: string,
   opts: PutBlobOptions,
   target: LocalFileTarget,
-): Promise<LocalFileCopy | undefined> {
+): Promise<LocalFileCopy | null | undefined> {
   const { digest } = info
   const head = await readHead(path)
   if (!head) return undefined // the stream's way reports it
@@ -80,7 +80,7 @@ export async function copyLocalFile(
     if (!(err instanceof FileCopyError)) throw err
     if (err.side === 'cache') {
       target.onError(`writing ${name}`, err)
-      return undefined
+      return null
     }
     if (err.code === 'SIZE_INVALID') throw new ImageError('SIZE_INVALID', `blob ${digest}: ${err.message}`)
     if (err.code === 'ENOENT') throw new ImageError('BLOB_UNKNOWN', `blob ${digest}: ${path}: ${err.message}`)
@@ -103,9 +103,9 @@ export async function copyLocalFile(
     const gone = !opts.signal?.aborted && !(await fileExists(tmp))
     await dropAll()
     if (!gone) throw err
-    // something removed the cache's file meanwhile (a `cache clear`): the stream's way then
+    // something removed the cache's file meanwhile (a `cache clear`): the destination alone then
     target.onError(`giving ${name} to the destination`, err)
-    return undefined
+    return null
   }
   return { stored, tmp, bytes: copied.bytes, algorithm, decompressed }
 }
