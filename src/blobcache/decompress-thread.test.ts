@@ -148,7 +148,7 @@ describe('file jobs: a local file copied, hashed and gunzipped by the thread', (
     expect(result.out).toEqual({ hex: hexOf(plain), bytes: plain.length })
     expect((await readFile(spec.copy)).equals(layer)).toBe(true)
     expect((await readFile(spec.out)).equals(plain)).toBe(true)
-    expect(await readFile(path)).toEqual(layer) // only read
+    expect((await readFile(path)).equals(layer)).toBe(true) // only read
     expect(progress.length === 0 || progress.every((n) => n > 0 && n <= layer.length)).toBe(true)
   })
 
@@ -213,7 +213,7 @@ describe('file jobs: a local file copied, hashed and gunzipped by the thread', (
   })
 
   it('an abort rejects with its reason and leaves no file', async () => {
-    const big = gzipSync(Buffer.concat([randomBytes(8 << 20), Buffer.alloc(24 << 20, 'q')]))
+    const big = gzipSync(Buffer.concat([randomBytes(6 << 20), Buffer.alloc(8 << 20, 'q')]), { level: 1 })
     const { dir, path } = await source(big)
     for (const when of [0, 1]) {
       const ac = new AbortController()

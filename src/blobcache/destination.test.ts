@@ -391,6 +391,97 @@ describe('BlobCacheDestination: optional methods', () => {
   })
 })
 
+describe('BlobCacheDestination.putBlobFromLocalFile (a source\'s own file, read on a thread)', () => {
+  // larger than the thread's threshold and than one progress step, with a tail no multiple of a page
+  const bigTar = makeLayer([{ name: 'noise', content: randomBytes(5 << 20) }, { name: 'text', content: 'words '.repeat(400_000) }])
+  const bigGz = gzipSync(bigTar)
+  const bigDiffID = digestOf(bigTar)
+
+  async function localSetup(bytes: Buffer, mode: 'preserve' | 'compress' = 'preserve') {
+    const s = await setup(mode)
+    const file = join(s.root, 'source-blob')
+    await writeFile(file, bytes)
+    return { ...s, file }
+  }
+
+  it('stores the blob in the destination and the cache, with its decompressed form and notes, from one reading', async () => {
+    const { cacheDir, dest, root, file } = await localSetup(bigGz)
+    let streamed = 0
+    const inner = (dest as BlobCacheDestination).inner
+    const realPut = inner.putBlob.bind(inner)
+    inner.putBlob = async (st, i, o) => {
+      streamed++
+      return realPut(st, i, o)
+    }
+    const progress: number[] = []
+    const c = digestOf(bigGz)
+    expect(await dest.putBlobFromLocalFile!(file, info(bigGz), { onProgress: (n) => progress.push(n) })).toMatchObject({ digest: c, size: bigGz.length })
+    expect(streamed).toBe(0)
+    expect(progress.length).toBeGreaterThan(0)
+    expect(await entries(cacheDir)).toEqual([c, `${c}.decompressed`, bigDiffID, `${bigDiffID}.compressed`].sort())
+    expect(digestOf(await readFile(join(cacheDir, bigDiffID)))).toBe(bigDiffID)
+    expect(await readFile(join(cacheDir, `${c}.decompressed`), 'utf8')).toBe(bigDiffID)
+    expect(await hasVerifiedStamp(join(cacheDir, c))).toBe(true)
+    const entry = await stat(join(cacheDir, c))
+    expect((await stat(join(root, 'image', c.slice(7)))).ino).toBe(entry.ino)
+    expect((await readFile(file)).equals(bigGz)).toBe(true) // only read
+    expect((dest.reference as BlobCache).stats.errors).toBe(0)
+  })
+
+  it('copies a large uncompressed layer the same way, and streams small, config and zstd blobs through putBlob', async () => {
+    const plain = Buffer.concat([bigTar, Buffer.alloc(1000)])
+    for (const [bytes, isConfig] of [[plain, false], [gz, false], [Buffer.from('{"config":1}'), true], [await zstd(bigTar), false]] as const) {
+      const { cacheDir, dest, root, file } = await localSetup(bytes)
+      const d = digestOf(bytes)
+      await dest.putBlobFromLocalFile!(file, info(bytes), { isConfig })
+      expect((await readFile(join(root, 'image', d.slice(7)))).equals(bytes)).toBe(true)
+      expect(await entries(cacheDir)).toContain(isConfig ? `${d}.config` : d)
+      expect((await entries(cacheDir)).filter((n) => n.startsWith('.tmp-'))).toEqual([])
+    }
+  })
+
+  it.each([
+    ['bytes that do not match the digest', (b: Buffer) => ({ ...info(b), digest: digestOf(Buffer.from('other')) }), 'DIGEST_INVALID'],
+    ['a size other than the file\'s', (b: Buffer) => info(b, { size: b.length + 1 }), 'SIZE_INVALID'],
+  ])('%s: fails like putBlob, and keeps nothing in the cache or the destination', async (_name, wrong, code) => {
+    const { cacheDir, dest, root, file } = await localSetup(bigGz)
+    await expect(dest.putBlobFromLocalFile!(file, wrong(bigGz))).rejects.toMatchObject({ code })
+    expect(await entries(cacheDir)).toEqual([])
+    expect((await readdir(join(root, 'image'))).filter((n) => !n.startsWith('.tmp-') && n !== 'version')).toEqual([])
+  })
+
+  it('a missing file is BLOB_UNKNOWN', async () => {
+    const { dest, root } = await localSetup(bigGz)
+    await expect(dest.putBlobFromLocalFile!(join(root, 'nothing'), info(bigGz))).rejects.toMatchObject({ code: 'BLOB_UNKNOWN' })
+  })
+
+  it('a cache that cannot be written is counted once, and the destination still gets the blob (verified)', async () => {
+    const { cacheDir, cache, dest, root, file } = await localSetup(bigGz)
+    await rm(cacheDir, { recursive: true })
+    const c = digestOf(bigGz)
+    await dest.putBlobFromLocalFile!(file, info(bigGz))
+    expect((await readFile(join(root, 'image', c.slice(7)))).equals(bigGz)).toBe(true)
+    expect(cache.stats.errors).toBe(1)
+    // and without a cache, bytes that do not match still fail
+    await writeFile(file, Buffer.concat([bigGz.subarray(0, 100), Buffer.alloc(100)]))
+    await expect(dest.putBlobFromLocalFile!(file, info(bigGz, { size: -1 }))).rejects.toMatchObject({ code: 'DIGEST_INVALID' })
+  })
+
+  it('an abort rejects with its reason and leaves no temporary file', async () => {
+    const { cacheDir, dest, file } = await localSetup(bigGz)
+    const ac = new AbortController()
+    const putting = dest.putBlobFromLocalFile!(file, info(bigGz), { signal: ac.signal, onProgress: () => ac.abort(new Error('stop here')) })
+    await expect(putting).rejects.toThrow('stop here')
+    expect(await entries(cacheDir)).toEqual([])
+  })
+
+  it('exists only when the inner destination has putBlobFromFile', async () => {
+    const root = await testDir()
+    const bare = new BlobCache(memoryTransport(new MemoryStore()).parseReference('x'), root)
+    expect((await bare.newImageDestination()).putBlobFromLocalFile).toBeUndefined()
+  })
+})
+
 describe('BlobCacheDestination in compress mode', () => {
   it.each(['gzip', 'zstd'] as const)('makes the %s variant of an uncompressed layer in the background, with notes', async (alg) => {
     const { cacheDir, dest } = await setup('compress', { compressAlgorithm: alg })

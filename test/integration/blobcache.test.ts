@@ -318,6 +318,49 @@ process.stdout.write(JSON.stringify({ digest: r.digest, from: from.stats, to: to
     expect(await readdir(cacheDir)).toEqual([])
   })
 
+  it('a cold copy from a local layout reads each blob from its file, never through the source\'s stream, one miss each', async () => {
+    class CountingDir extends DirReference {
+      streams = 0
+      override async newImageSource(...args: Parameters<DirReference['newImageSource']>) {
+        const src = await super.newImageSource(...args)
+        const getBlob = src.getBlob.bind(src)
+        src.getBlob = (info, opts) => {
+          this.streams++
+          return getBlob(info, opts)
+        }
+        return src
+      }
+    }
+    const root = await testDir()
+    const image = await makeImage(100_000, 'gzip')
+    const srcDir = join(root, 'src')
+    await writeThroughCache(image, new BlobCache(new DirReference(srcDir), join(root, 'filler')))
+    const cacheDir = join(root, 'cache')
+    await mkdir(cacheDir)
+    const counting = new CountingDir(srcDir)
+    const from = new BlobCache(counting, cacheDir)
+    const to = new BlobCache(new DirReference(join(root, 'out')), cacheDir)
+    const r = await copyImage(from, to)
+    expect(r.digest).toBe(image.manifestDigest)
+    await checkImage(join(root, 'out'))
+    expect(counting.streams).toBe(0)
+    expect(from.stats).toMatchObject({ hits: 0, misses: 3, errors: 0 }) // manifest, config, layer
+    expect(to.stats.errors).toBe(0)
+    const names = await readdir(cacheDir)
+    for (const name of [image.layerDigest, `${image.layerDigest}.decompressed`, image.diffID, `${image.diffID}.compressed`, `${image.configDigest}.config`]) {
+      expect(names).toContain(name)
+    }
+    expect(digestOf(await readFile(join(cacheDir, image.diffID)))).toBe(image.diffID)
+    // a source file that does not match its digest fails the copy, and nothing is named by it
+    const bad = Buffer.from(image.layer)
+    bad[bad.length - 20] ^= 0xff
+    await writeFile(join(srcDir, digestHex(image.layerDigest)), bad)
+    await rm(cacheDir, { recursive: true })
+    await mkdir(cacheDir)
+    await expect(copyImage(new BlobCache(new DirReference(srcDir), cacheDir), new BlobCache(new DirReference(join(root, 'out2')), cacheDir))).rejects.toMatchObject({ code: 'DIGEST_INVALID' })
+    expect((await readdir(cacheDir)).filter((n) => n.includes(digestHex(image.layerDigest)) || n.startsWith('.tmp-'))).toEqual([])
+  })
+
   it('the copy streams a cached hit into a fresh dir: by file copy', async () => {
     const { root, cacheDir, image, srcDir } = await cachedImage('zstd')
     await strip(srcDir)
