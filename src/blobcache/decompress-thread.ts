@@ -9,6 +9,13 @@
 // plain buffer (61 ms against about 10 ms of main thread for 164 MiB). Inflating through zlib's
 // stream instead (on libuv's pool, into a new 1 MiB buffer per output chunk, copied again into
 // the file's memory) cost a cold copy 0.1 s more CPU and 15 000 more page faults.
+//
+// When the blob is a local file (a layout's blob copied into a cache whose destination takes
+// files, see local-file.ts), the thread also reads it itself (copyFileOnThread): straight into
+// the page-aligned memory the cache's copy is written from, hashed there, and inflated from
+// there, so the main thread neither reads, hashes, copies nor writes any of it. Alternated with
+// the build before, 15 runs each, that took a cold oci -> dir copy through the cache from 0.99
+// to 0.81 s of CPU, from 37 000 to 16 000 page faults and from 0.62 to 0.54 s.
 import { availableParallelism } from 'node:os'
 import type { Worker } from 'node:worker_threads'
 import debug from 'debug'
