@@ -433,7 +433,11 @@ describe('BlobCacheDestination.putBlobFromLocalFile (a source\'s own file, read 
     for (const [bytes, isConfig] of [[plain, false], [gz, false], [Buffer.from('{"config":1}'), true], [await zstd(bigTar), false]] as const) {
       const { cacheDir, dest, root, file } = await localSetup(bytes)
       const d = digestOf(bytes)
-      await dest.putBlobFromLocalFile!(file, info(bytes), { isConfig })
+      const progress: number[] = []
+      await dest.putBlobFromLocalFile!(file, info(bytes), { isConfig, onProgress: (n) => progress.push(n) })
+      // the thread tells every 4 MiB, the stream every chunk
+      if (bytes.length >= 4 << 20) expect(progress.length).toBeGreaterThan(0)
+      expect(progress.every((n) => n <= bytes.length)).toBe(true)
       expect((await readFile(join(root, 'image', d.slice(7)))).equals(bytes)).toBe(true)
       expect(await entries(cacheDir)).toContain(isConfig ? `${d}.config` : d)
       expect((await entries(cacheDir)).filter((n) => n.startsWith('.tmp-'))).toEqual([])

@@ -7,12 +7,12 @@
 // the destination has it is the entry named. Blobs the thread is not worth starting for (small
 // ones), or that it cannot decompress (zstd, bzip2, xz), go the stream's way.
 import { open } from 'node:fs/promises'
-import { type Readable, addAbortSignal } from 'node:stream'
+import { type Readable, Transform, addAbortSignal, pipeline } from 'node:stream'
 import debug from 'debug'
 import { PEEK_BYTES, detectCompression } from '../compression.js'
 import { type Digest, checkDigest, digestAlgorithm } from '../digest.js'
 import { ImageError, errnoCode } from '../errors.js'
-import type { BlobInfo, CallOptions, DetectedAlgorithm, PutBlobOptions } from '../types.js'
+import type { BlobInfo, DetectedAlgorithm, PutBlobOptions } from '../types.js'
 import { type FileCopyResult, FileCopyError, copyFileOnThread } from './decompress-thread.js'
 import { HIGH_WATER_MARK, fileExists, removeQuietly, tempPath } from './files.js'
 
@@ -111,10 +111,10 @@ export async function copyLocalFile(
 }
 
 /**
- * The file as a stream of 1 MiB chunks (aborted with `opts.signal`), for the stream's way;
- * a missing file is `BLOB_UNKNOWN`.
+ * The file as a stream of 1 MiB chunks (aborted with `opts.signal`), for the stream's way, that
+ * tells `opts.onProgress` the bytes read as they are; a missing file is `BLOB_UNKNOWN`.
  */
-export async function openLocalBlob(path: string, info: BlobInfo, opts: CallOptions = {}): Promise<Readable> {
+export async function openLocalBlob(path: string, info: BlobInfo, opts: PutBlobOptions = {}): Promise<Readable> {
   opts.signal?.throwIfAborted()
   let handle
   try {
@@ -124,7 +124,21 @@ export async function openLocalBlob(path: string, info: BlobInfo, opts: CallOpti
     throw err
   }
   const stream = handle.createReadStream({ highWaterMark: HIGH_WATER_MARK })
-  return opts.signal ? addAbortSignal(opts.signal, stream) : stream
+  if (opts.signal) addAbortSignal(opts.signal, stream)
+  const { onProgress } = opts
+  if (!onProgress) return stream
+  let bytes = 0
+  const counted = new Transform({
+    highWaterMark: HIGH_WATER_MARK,
+    transform(chunk: Buffer, _encoding, cb) {
+      bytes += chunk.length
+      onProgress(bytes)
+      cb(null, chunk)
+    },
+  })
+  // an error of the file (or the abort) reaches the reader through the counter
+  pipeline(stream, counted, () => {})
+  return counted
 }
 
 /** The first bytes of the file, or undefined when it cannot be read. */
