@@ -52,6 +52,18 @@ function canMountTmpfs(): boolean {
 
 const entries = async (dir: string) => (await readdir(dir)).sort()
 
+/** Counts the streams the cache's wrapped destination is given through putBlob. */
+function countInnerPuts(dest: ImageDestination): { count: number } {
+  const counted = { count: 0 }
+  const inner = (dest as BlobCacheDestination).inner
+  const realPut = inner.putBlob.bind(inner)
+  inner.putBlob = async (stream, i, o) => {
+    counted.count++
+    return realPut(stream, i, o)
+  }
+  return counted
+}
+
 async function put(dest: ImageDestination, bytes: Buffer, extra: Partial<BlobInfo> = {}, isConfig = false) {
   return dest.putBlob(Readable.from([bytes]), info(bytes, extra), { isConfig })
 }
@@ -161,15 +173,9 @@ describe('BlobCacheDestination.putBlob', () => {
   it('writes a blob once for a destination with putBlobFromFile: entry and file share an inode, stamped', async () => {
     const { cacheDir, dest, root } = await setup()
     const c = digestOf(gz)
-    let streamed = 0
-    const inner = (dest as BlobCacheDestination).inner
-    const realPut = inner.putBlob.bind(inner)
-    inner.putBlob = async (s, i, o) => {
-      streamed++
-      return realPut(s, i, o)
-    }
+    const streamed = countInnerPuts(dest)
     expect(await put(dest, gz)).toMatchObject({ digest: c, size: gz.length })
-    expect(streamed).toBe(0)
+    expect(streamed.count).toBe(0)
     const entry = await stat(join(cacheDir, c))
     const file = await stat(join(root, 'image', c.slice(7)))
     expect(file.ino).toBe(entry.ino)
@@ -406,17 +412,11 @@ describe('BlobCacheDestination.putBlobFromLocalFile (a source\'s own file, read 
 
   it('stores the blob in the destination and the cache, with its decompressed form and notes, from one reading', async () => {
     const { cacheDir, dest, root, file } = await localSetup(bigGz)
-    let streamed = 0
-    const inner = (dest as BlobCacheDestination).inner
-    const realPut = inner.putBlob.bind(inner)
-    inner.putBlob = async (st, i, o) => {
-      streamed++
-      return realPut(st, i, o)
-    }
+    const streamed = countInnerPuts(dest)
     const progress: number[] = []
     const c = digestOf(bigGz)
     expect(await dest.putBlobFromLocalFile!(file, info(bigGz), { onProgress: (n) => progress.push(n) })).toMatchObject({ digest: c, size: bigGz.length })
-    expect(streamed).toBe(0)
+    expect(streamed.count).toBe(0)
     expect(progress.length).toBeGreaterThan(0)
     expect(await entries(cacheDir)).toEqual([c, `${c}.decompressed`, bigDiffID, `${bigDiffID}.compressed`].sort())
     expect(digestOf(await readFile(join(cacheDir, bigDiffID)))).toBe(bigDiffID)
