@@ -33,10 +33,12 @@ const SLACK = 4 << 20
 // The worker's code (a CommonJS script). Messages in: [id, path] starts a job that gunzips into
 // a new file at path (mode 0644), [id, buffer, length] feeds it the first length bytes of the
 // (transferred) ArrayBuffer, which comes back as [id, buffer] once the inflater has taken the
-// bytes, [id, true] ends the input, [id, false]
-// aborts. Each job ends with one answer: [id, hex sha256, bytes] when its file is written,
-// [id, null, message, code] when it failed, [id, null] when it was aborted; its file is removed
-// before any but the first. Messages of one id are handled in order.
+// bytes, [id, true] ends the input, [id, false] aborts. Each job ends with one answer: [id, hex
+// sha256, bytes] when its file is written, [id, null, message, code] when it failed, [id, null]
+// when it was aborted; its file is removed before any but the first. [id, spec] (a
+// FileCopySpec) starts a file job, which reads its input itself, tells [id, bytes read] now and
+// then, can be aborted the same way, and ends with [id, { hex, bytes, out }], or [id, null,
+// message, code, side] (see FileJob). Messages of one id are handled in order.
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads')
 const { createHash } = require('node:crypto')
