@@ -50,8 +50,9 @@ export interface LocalFileCopy {
  * with the decompressed file of a gzip layer, verifies it against `info.digest` and size and
  * gives it to the destination. Resolves undefined, having done nothing, when the blob should be
  * streamed through the cache instead (a small or non-gzip-compressed one, no thread), and null
- * when the cache failed (reported): then the blob goes to the destination alone. Rejects like putBlob: `DIGEST_INVALID`, `SIZE_INVALID`, `BLOB_UNKNOWN`
- * for a missing file, the destination's error, or the abort's reason, with no file left.
+ * when the cache failed (reported): then the blob goes to the destination alone. Rejects like
+ * putBlob: `DIGEST_INVALID`, `SIZE_INVALID`, `BLOB_UNKNOWN` for a missing file, the
+ * destination's error, or the abort's reason, with no file left.
  */
 export async function copyLocalFile(
   path: string,
