@@ -23,3 +23,9 @@ export function requireLazily(id: string): unknown {
   base ??= createRequire(import.meta.url)
   return base(id)
 }
+
+/** The path `id` (a file of a package of this one's dependencies) resolves to, for a thread to load. */
+export function resolveLazily(id: string): string {
+  base ??= createRequire(import.meta.url)
+  return base.resolve(id)
+}

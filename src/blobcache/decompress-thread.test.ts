@@ -2,9 +2,11 @@ import { randomBytes } from 'node:crypto'
 import { availableParallelism } from 'node:os'
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { Readable } from 'node:stream'
 import { crc32, deflateRawSync, gunzipSync, gzipSync } from 'node:zlib'
 import { describe, expect, it } from 'vitest'
-import { testDir } from '../../test/helpers/conformance.js'
+import { readAll, testDir } from '../../test/helpers/conformance.js'
+import { compressStream } from '../compression.js'
 import { digestOf } from '../digest.js'
 import { FileCopyError, PIECE_BYTES, copyFileOnThread, decompressionThreads, threadDecompression } from './decompress-thread.js'
 
@@ -225,6 +227,66 @@ describe('file jobs: a local file copied, hashed and gunzipped by the thread', (
       await expect(copy).rejects.toThrow('stop')
       expect((await readdir(dir)).sort()).toEqual(['source'])
     }
+  })
+})
+
+describe('decompression thread (zstd)', () => {
+  const zstd = (data: Buffer) => readAll(Readable.from([data]).pipe(compressStream('zstd')))
+  // a skippable frame, as zstd:chunked puts between and after the frames it writes
+  const skippable = (payload: Buffer) => {
+    const head = Buffer.alloc(8)
+    head.writeUInt32LE(0x184d2a50, 0)
+    head.writeUInt32LE(payload.length, 4)
+    return Buffer.concat([head, payload])
+  }
+
+  async function runZstd(dir: string, input: Buffer, pieceBytes: number) {
+    const errors: unknown[] = []
+    const job = threadDecompression(dir, 'sha256:base', (_what, err) => errors.push(err), 'zstd')!
+    expect(job).toBeDefined()
+    expect(job.algorithm).toBe('zstd')
+    for (const c of chunks(input, pieceBytes)) await job.write(c)
+    job.end()
+    return { file: await job.done, errors }
+  }
+
+  it.each([
+    ['small pieces', 1000],
+    ['chunks larger than a piece', PIECE_BYTES + 12345],
+  ])('decompresses frames one after another, skippable ones skipped, output larger than a stage (%s)', async (_name, pieceBytes) => {
+    const dir = await testDir()
+    // compresses to far less than it decompresses to: one piece makes several stages of output
+    const plain = Buffer.concat([Buffer.alloc(3 << 20, 'a'), randomBytes(1 << 20), Buffer.from('tail')])
+    const input = Buffer.concat([await zstd(plain.subarray(0, 2 << 20)), skippable(Buffer.from('chunked toc')), await zstd(plain.subarray(2 << 20)), skippable(Buffer.alloc(0))])
+    const { file, errors } = await runZstd(dir, input, pieceBytes)
+    expect(errors).toEqual([])
+    expect(file?.digest).toBe(digestOf(plain))
+    expect((await readFile(file!.tmp)).equals(plain)).toBe(true)
+  })
+
+  it.each([
+    ['cut in the middle of a frame', (z: Buffer) => z.subarray(0, z.length - 100)],
+    ['followed by bytes that are no frame', (z: Buffer) => Buffer.concat([z, Buffer.from('garbage after the frame')])],
+    ['corrupt inside a frame', (z: Buffer) => Buffer.concat([z.subarray(0, 20), Buffer.alloc(64, 0xff), z.subarray(84)])],
+  ])('refuses a stream %s, reported once, no file left', async (_name, spoil) => {
+    const dir = await testDir()
+    const input = spoil(await zstd(Buffer.concat([randomBytes(200_000), Buffer.alloc(1 << 20, 'z')])))
+    const { file, errors } = await runZstd(dir, input, 64 << 10)
+    expect(file).toBeUndefined()
+    expect(errors).toHaveLength(1)
+    expect((await readdir(dir)).filter((n) => n.startsWith('.tmp-'))).toEqual([])
+  })
+
+  it('a file job decompresses a zstd layer on the thread too', async () => {
+    const dir = await testDir()
+    const plain = Buffer.concat([randomBytes(1_500_000), Buffer.alloc(2 << 20, 'y')])
+    const layer = await zstd(plain)
+    await writeFile(join(dir, 'source'), layer)
+    const spec = { source: join(dir, 'source'), size: layer.length, copy: join(dir, '.tmp-copy'), algorithm: 'sha256' as const, direct: true, out: join(dir, '.tmp-out'), decompress: 'zstd' as const }
+    const result = await copyFileOnThread(spec)!
+    expect(result.hex).toBe(digestOf(layer).slice(7))
+    expect(result.out).toEqual({ hex: digestOf(plain).slice(7), bytes: plain.length })
+    expect((await readFile(spec.out)).equals(plain)).toBe(true)
   })
 })
 

@@ -1,5 +1,5 @@
-// Decompressing gzip layers on threads of their own. The cache stores the decompressed form of
-// every gzip layer it sees; on the main thread that cost a cold copy of 4 x 41 MiB layers about
+// Decompressing gzip and zstd layers on threads of their own. The cache stores the decompressed
+// form of every compressed layer it sees; on the main thread that cost a cold copy of 4 x 41 MiB layers about
 // 550 ms of main-thread time (sha256 of 256 MiB, zlib's callbacks, 256 writes and their garbage)
 // while the main thread also had to read and write the layers. Here the main thread only copies
 // the compressed bytes into pieces; a worker thread (one per core at most, as layers come)
@@ -8,7 +8,8 @@
 // thread and back, and reused: V8 copies into shared memory several times slower than into a
 // plain buffer (61 ms against about 10 ms of main thread for 164 MiB). Inflating through zlib's
 // stream instead (on libuv's pool, into a new 1 MiB buffer per output chunk, copied again into
-// the file's memory) cost a cold copy 0.1 s more CPU and 15 000 more page faults.
+// the file's memory) cost a cold copy 0.1 s more CPU and 15 000 more page faults. zstd layers
+// go the same way, through zstd-napi's decompression context loaded on the thread.
 //
 // When the blob is a local file (a layout's blob copied into a cache whose destination takes
 // files, see local-file.ts), the thread also reads it itself (copyFileOnThread): straight into
@@ -22,6 +23,7 @@ import debug from 'debug'
 import type { Digest, DigestAlgorithm } from '../digest.js'
 import { REMOTE_FILE_SYSTEM_TYPES } from '../io/direct-write.js'
 import { startScriptWorker } from '../io/script-worker.js'
+import { resolveLazily } from '../lazy-require.js'
 import { removeQuietly, tempPath } from './files.js'
 import type { CacheErrorHandler, Decompression, DerivedFile } from './variants.js'
 
@@ -30,8 +32,9 @@ const log = debug('blobcache:blobcache:decompress-thread')
 /** Compressed bytes given to the thread and not yet taken by the inflater, per layer, before `write` waits. */
 const SLACK = 4 << 20
 
-// The worker's code (a CommonJS script). Messages in: [id, path] starts a job that gunzips into
-// a new file at path (mode 0644), [id, buffer, length] feeds it the first length bytes of the
+// The worker's code (a CommonJS script). Messages in: [id, path, algorithm, binding] starts a job
+// that decompresses gzip, or zstd with zstd-napi's binding at that path, into a new file at path
+// (mode 0644), [id, buffer, length] feeds it the first length bytes of the
 // (transferred) ArrayBuffer, which comes back as [id, buffer] once the inflater has taken the
 // bytes, [id, true] ends the input, [id, false] aborts. Each job ends with one answer: [id, hex
 // sha256, bytes] when its file is written, [id, null, message, code] when it failed, [id, null]
@@ -316,6 +319,10 @@ class Job {
   end() {
     if (this.over) return
     if (this.state !== NEXT && this.state !== PADDING) return this.fail(zlibError('unexpected end of file', 'Z_BUF_ERROR'))
+    this.finishFile()
+  }
+  // the input is over and whole: the file is written to its end and closed, then the answer
+  finishFile() {
     this.over = true
     this.out.finish((err) => {
       if (err) {
@@ -346,10 +353,57 @@ class Job {
     this.reply(message)
   }
 }
+// zstd, through zstd-napi's DCtx (the main thread gives the path of its binding), driven as Job
+// drives the inflater: decompressStream writes straight into the Output's stage. Frames follow
+// one another (zstd itself skips skippable ones, as zstd:chunked has), and the input must end
+// where a frame does.
+const EMPTY = Buffer.alloc(0)
+let zstdBinding = null
+class ZstdJob extends Job {
+  constructor(id, path, out, binding, reply) {
+    super(id, path, out, reply)
+    zstdBinding = zstdBinding || require(binding)
+    this.dctx = new zstdBinding.DCtx()
+    // in a frame (or holding output) after the last call; the output was full then
+    this.midFrame = false
+    this.full = false
+  }
+  run(buf, i, back) {
+    try {
+      while (!this.over && (i < buf.length || this.full)) {
+        if (this.out.failed) throw this.out.failed
+        const room = this.out.room()
+        if (room === 0) {
+          this.out.waiter = () => this.run(buf, i, back)
+          return
+        }
+        const at = this.out.filled
+        const [ret, produced, consumed] = this.dctx.decompressStream(this.out.stages[0].subarray(at, at + room), buf.subarray(i))
+        this.out.took(produced)
+        i += consumed
+        this.midFrame = ret !== 0
+        this.full = produced === room
+      }
+    } catch (err) {
+      this.fail(err)
+    }
+    back()
+    this.next()
+  }
+  end() {
+    if (this.over) return
+    // what zstd still holds goes out first
+    this.run(EMPTY, 0, () => {
+      if (this.over) return
+      if (this.midFrame) return this.fail(zlibError('unexpected end of file', 'Z_BUF_ERROR'))
+      this.finishFile()
+    })
+  }
+}
 // A blob the thread reads from a local file itself (a layout's blob): read straight into the
 // page-aligned stages of its copy, the cache's .tmp- file (hashed there with the blob's
 // algorithm, and written with O_DIRECT unless told not to), and from the same memory given to
-// a Job inflating it into the decompressed file when it is a gzip layer. The main thread
+// a Job (a ZstdJob for zstd) decompressing it into the decompressed file when it is a layer. The main thread
 // touches none of the bytes. A failure of the source or of the copy ends it ([id, null, message,
 // code, side], side 'source' or 'cache', nothing left); one of the decompression only loses
 // the decompressed file. It ends with [id, { hex, bytes, out }], out being the Job's answer.
@@ -372,7 +426,7 @@ class FileJob {
     this.removed = null
   }
   start() {
-    const { source, copy, algorithm, direct, out } = this.spec
+    const { source, copy, algorithm, direct, out, decompress, zstd } = this.spec
     try {
       this.src = openSync(source, fsc.O_RDONLY)
       if (!fstatSync(this.src).isFile()) throw zlibError(source + ': not a regular file', 'EINVAL')
@@ -391,7 +445,9 @@ class FileJob {
       let ofd = -1
       try {
         ofd = openSync(out, 'wx', 0o644)
-        this.inflate = new Job(0, out, new Output(ofd), (m) => this.inflateDone(m))
+        const output = new Output(ofd)
+        const reply = (m) => this.inflateDone(m)
+        this.inflate = decompress === 'zstd' ? new ZstdJob(0, out, output, zstd, reply) : new Job(0, out, output, reply)
       } catch (err) {
         if (ofd >= 0) {
           fsClose(ofd, () => {})
@@ -508,7 +564,7 @@ class FileJob {
     else removed()
   }
 }
-function start(id, path) {
+function start(id, path, algorithm, binding) {
   let fd
   try {
     fd = openSync(path, 'wx', 0o644)
@@ -522,11 +578,15 @@ function start(id, path) {
     fsClose(fd, () => {})
     return unlink(path, () => parentPort.postMessage([id, null, String(err.message || err), err.code]))
   }
-  jobs.set(id, new Job(id, path, out))
+  try {
+    jobs.set(id, algorithm === 'zstd' ? new ZstdJob(id, path, out, binding) : new Job(id, path, out))
+  } catch (err) {
+    out.close(() => unlink(path, () => parentPort.postMessage([id, null, String(err.message || err), err.code])))
+  }
 }
 parentPort.on('message', (m) => {
   const id = m[0]
-  if (typeof m[1] === 'string') return start(id, m[1])
+  if (typeof m[1] === 'string') return start(id, m[1], m[2], m[3])
   if (m[1] !== null && typeof m[1] === 'object' && !(m[1] instanceof ArrayBuffer)) {
     const job = new FileJob(id, m[1])
     jobs.set(id, job)
@@ -589,12 +649,15 @@ class DecompressThread {
     return this.#dead !== undefined
   }
 
-  /** Starts a job: gunzipping pieces into `what` (a path), or a file job (see FileCopySpec); returns its id. */
-  start(what: string | FileCopySpec, job: Job): number {
+  /**
+   * Starts a job: decompressing pieces into a new file (its path, the algorithm and, for zstd,
+   * the binding's path), or a file job (see FileCopySpec); returns its id.
+   */
+  start(what: [string, ThreadAlgorithm, string | undefined] | FileCopySpec, job: Job): number {
     const id = this.#next++
     if (this.#jobs.size === 0) this.#worker.ref()
     this.#jobs.set(id, job)
-    this.#worker.postMessage([id, what])
+    this.#worker.postMessage(Array.isArray(what) ? [id, ...what] : [id, what])
     return id
   }
 
@@ -649,14 +712,32 @@ export function decompressionThreads(): number {
 /** A thread has failed: later layers are decompressed on the main thread. */
 let threadFailed = false
 
+/** The algorithms the decompression threads decompress. */
+export type ThreadAlgorithm = 'gzip' | 'zstd'
+
 /**
- * A gzip decompression on the decompression thread, or undefined when a thread failed before
- * (then the caller decompresses on its own thread).
+ * The path of zstd-napi's binding, which a thread loads itself, or undefined when it cannot be
+ * found (then zstd is decompressed on the caller's thread, which reports why it cannot).
  */
-export function threadDecompression(dir: string, base: string, onError: CacheErrorHandler): Decompression | undefined {
-  if (threadFailed) return undefined
+function zstdBinding(): string | undefined {
   try {
-    return new ThreadDecompression(dir, base, onError)
+    return resolveLazily('zstd-napi/binding')
+  } catch (err) {
+    log('no zstd binding for the threads: %s', (err as Error).message)
+    return undefined
+  }
+}
+
+/**
+ * A gzip or zstd decompression on the decompression thread, or undefined when a thread failed
+ * before (then the caller decompresses on its own thread).
+ */
+export function threadDecompression(dir: string, base: string, onError: CacheErrorHandler, algorithm: ThreadAlgorithm = 'gzip'): Decompression | undefined {
+  if (threadFailed) return undefined
+  const binding = algorithm === 'zstd' ? zstdBinding() : undefined
+  if (algorithm === 'zstd' && !binding) return undefined
+  try {
+    return new ThreadDecompression(dir, base, onError, algorithm, binding)
   } catch (err) {
     threadFailed = true
     log('no decompression thread: %s', (err as Error).message)
@@ -680,13 +761,12 @@ function givePieceBack(piece: ArrayBuffer): void {
 }
 
 /**
- * A gzip {@link Decompression} on the decompression thread. The bytes given are copied into
+ * A gzip or zstd {@link Decompression} on the decompression thread. The bytes given are copied into
  * pieces that are transferred to the thread, which sends each back once the inflater has taken
  * it; `write` waits while more than {@link SLACK} bytes are with the thread, and the inflater in
  * turn waits for the file, so memory stays bounded.
  */
 class ThreadDecompression implements Decompression {
-  readonly algorithm = 'gzip' as const
   readonly done: Promise<DerivedFile | undefined>
   readonly #thread: DecompressThread
   readonly #id: number
@@ -697,13 +777,19 @@ class ThreadDecompression implements Decompression {
   #over = false
   #aborted = false
 
-  constructor(dir: string, base: string, onError: CacheErrorHandler) {
+  constructor(
+    dir: string,
+    base: string,
+    onError: CacheErrorHandler,
+    readonly algorithm: ThreadAlgorithm,
+    binding: string | undefined,
+  ) {
     const tmp = tempPath(dir, base)
     this.#thread = pickThread()
     let finish!: (file: DerivedFile | undefined) => void
     this.done = new Promise((resolve) => (finish = resolve))
     running++
-    this.#id = this.#thread.start(tmp, {
+    this.#id = this.#thread.start([tmp, algorithm, binding], {
       taken: (buffer) => this.#taken(buffer),
       finish: (answer) => {
         this.#over = true
@@ -714,7 +800,7 @@ class ThreadDecompression implements Decompression {
           finish({ tmp, digest: `sha256:${answer.hex}` as Digest })
           return
         }
-        if (answer && 'err' in answer && !this.#aborted) onError(`decompressing ${base} (gzip)`, answer.err)
+        if (answer && 'err' in answer && !this.#aborted) onError(`decompressing ${base} (${algorithm})`, answer.err)
         // the thread removed it already, unless it died
         removeQuietly(tmp).then(() => finish(undefined))
       },
@@ -788,8 +874,12 @@ export interface FileCopySpec {
   algorithm: DigestAlgorithm
   /** Whether the copy may be written with O_DIRECT (nothing reads it again soon). */
   direct: boolean
-  /** Gunzip the bytes into this new file as well (hashed with sha256). */
+  /** Decompress the bytes into this new file as well (hashed with sha256), with `decompress`. */
   out?: string
+  /** The algorithm of `out` (default gzip). */
+  decompress?: ThreadAlgorithm
+  /** For zstd: the path of zstd-napi's binding (filled in by copyFileOnThread). */
+  zstd?: string
 }
 
 /** What {@link copyFileOnThread} made. */
@@ -820,7 +910,7 @@ export class FileCopyError extends Error {
 /**
  * Copies `spec.source` to the new file `spec.copy` on a decompression thread, which reads the
  * bytes into the memory they are written from and hashes them there, and with `spec.out` also
- * gunzips them into that file (a failure to do so loses only that file). Nothing passes through
+ * decompresses them into that file (a failure to do so loses only that file). Nothing passes through
  * this thread. `onProgress` hears the bytes read every 4 MiB. An abort rejects with the
  * signal's reason once the files are gone. Undefined when a thread failed before (the caller
  * then copies on its own).
@@ -830,6 +920,11 @@ export function copyFileOnThread(
   opts: { signal?: AbortSignal; onProgress?: (bytes: number) => void } = {},
 ): Promise<FileCopyResult> | undefined {
   if (threadFailed) return undefined
+  if (spec.out && spec.decompress === 'zstd') {
+    const zstd = zstdBinding()
+    if (!zstd) return undefined
+    spec = { ...spec, zstd }
+  }
   const { signal } = opts
   signal?.throwIfAborted()
   let thread: DecompressThread

@@ -428,7 +428,7 @@ describe('BlobCacheDestination.putBlobFromLocalFile (a source\'s own file, read 
     expect((dest.reference as BlobCache).stats.errors).toBe(0)
   })
 
-  it('copies a large uncompressed layer the same way, and streams small, config and zstd blobs through putBlob', async () => {
+  it('copies large uncompressed and zstd layers the same way, and streams small blobs and configs through putBlob', async () => {
     const plain = Buffer.concat([bigTar, Buffer.alloc(1000)])
     for (const [bytes, isConfig] of [[plain, false], [gz, false], [Buffer.from('{"config":1}'), true], [await zstd(bigTar), false]] as const) {
       const { cacheDir, dest, root, file } = await localSetup(bytes)

@@ -57,7 +57,7 @@ export class BlobCacheDestination implements ImageDestination {
    * Present only when the wrapped destination has putBlobFromFile: stores a blob from the
    * source's own local file, which is read once, on a decompression thread (see local-file.ts),
    * verified, and given to putBlobFromFile; the entry and its decompressed form are named as
-   * putBlob names them. Small blobs and those the thread does not decompress are streamed
+   * putBlob names them. Small blobs, and bzip2 and xz layers, are streamed
    * through putBlob instead.
    */
   readonly putBlobFromLocalFile?: (path: string, info: BlobInfo, opts?: PutBlobOptions) => Promise<BlobInfo>
@@ -301,7 +301,7 @@ export class BlobCacheDestination implements ImageDestination {
     outcome.stored = await fileExists(final)
     if (copied.decompressed) {
       const onError = (what: string, err: unknown) => this.#error(what, err)
-      outcome.decompressed = await storeDecompressed(this.#dir, digest, 'gzip', copied.decompressed, onError)
+      outcome.decompressed = await storeDecompressed(this.#dir, digest, copied.decompressed.algorithm, copied.decompressed, onError)
     }
     this.#afterStore(digest, name, info, opts, outcome)
     return copied.stored

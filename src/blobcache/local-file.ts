@@ -1,11 +1,11 @@
 // A blob copied from a source's own local file (an `oci:` or `dir:` layout's blob) into a cache
 // whose wrapped destination takes local files: a decompression thread reads the file into the
-// memory it writes the cache's `.tmp-` file from, hashes it there and, for a gzip layer,
-// gunzips the same bytes into the decompressed file, so no byte of the blob passes through the
-// main thread (see decompress-thread.ts). Only once the bytes hash to the digest is the file
+// memory it writes the cache's `.tmp-` file from, hashes it there and, for a gzip or zstd layer,
+// decompresses the same bytes into the decompressed file, so no byte of the blob passes through
+// the main thread (see decompress-thread.ts). Only once the bytes hash to the digest is the file
 // given to the destination (a hard link for dir and oci on the same file system), and only once
 // the destination has it is the entry named. Blobs the thread is not worth starting for (small
-// ones), or that it cannot decompress (zstd, bzip2, xz), go the stream's way.
+// ones), or that it cannot decompress (bzip2, xz), go the stream's way.
 import { open } from 'node:fs/promises'
 import { type Readable, Transform, addAbortSignal, pipeline } from 'node:stream'
 import debug from 'debug'
@@ -41,15 +41,15 @@ export interface LocalFileCopy {
   tmp: string
   bytes: number
   algorithm: DetectedAlgorithm | null
-  /** The decompressed file and its digest, when one was made. */
-  decompressed?: { tmp: string; digest: Digest }
+  /** The decompressed file, its digest and what it was decompressed from, when one was made. */
+  decompressed?: { tmp: string; digest: Digest; algorithm: 'gzip' | 'zstd' }
 }
 
 /**
  * Copies the blob at `path` (not verified) into a new temporary file of the cache on a thread,
- * with the decompressed file of a gzip layer, verifies it against `info.digest` and size and
+ * with the decompressed file of a gzip or zstd layer, verifies it against `info.digest` and size and
  * gives it to the destination. Resolves undefined, having done nothing, when the blob should be
- * streamed through the cache instead (a small or non-gzip-compressed one, no thread), and null
+ * streamed through the cache instead (a small one, a bzip2 or xz one, no thread), and null
  * when the cache failed (reported): then the blob goes to the destination alone. Rejects like
  * putBlob: `DIGEST_INVALID`, `SIZE_INVALID`, `BLOB_UNKNOWN` for a missing file, the
  * destination's error, or the abort's reason, with no file left.
@@ -65,12 +65,12 @@ export async function copyLocalFile(
   const head = await readHead(path)
   if (!head) return undefined // the stream's way reports it
   const algorithm = detectCompression(head)
-  const gunzip = algorithm === 'gzip' && !opts.isConfig
-  if (!gunzip && (algorithm !== null || opts.isConfig || (info.size >= 0 && info.size < THREAD_COPY_MIN_BYTES))) return undefined
+  const decompress = (algorithm === 'gzip' || algorithm === 'zstd') && !opts.isConfig ? algorithm : undefined
+  if (!decompress && (algorithm !== null || opts.isConfig || (info.size >= 0 && info.size < THREAD_COPY_MIN_BYTES))) return undefined
   const tmp = tempPath(target.dir, name)
-  const out = gunzip ? tempPath(target.dir, digest) : undefined
+  const out = decompress ? tempPath(target.dir, digest) : undefined
   const direct = (info.size < 0 || info.size >= THREAD_COPY_MIN_BYTES) && (await target.direct())
-  const spec = { source: path, size: info.size, copy: tmp, algorithm: digestAlgorithm(digest), direct, out }
+  const spec = { source: path, size: info.size, copy: tmp, algorithm: digestAlgorithm(digest), direct, out, decompress }
   const copying = copyFileOnThread(spec, { signal: opts.signal, onProgress: opts.onProgress })
   if (!copying) return undefined
   let copied: FileCopyResult
@@ -87,8 +87,9 @@ export async function copyLocalFile(
     if (err.code === 'ENOENT') throw new ImageError('BLOB_UNKNOWN', `blob ${digest}: ${path}: ${err.message}`)
     throw Object.assign(new Error(`reading blob ${digest} from ${path}: ${err.message}`), err.code ? { code: err.code } : {})
   }
-  const decompressed = copied.out && 'hex' in copied.out ? { tmp: out!, digest: `sha256:${copied.out.hex}` as Digest } : undefined
-  if (copied.out && 'error' in copied.out) target.onError(`decompressing ${digest} (gzip)`, copied.out.error)
+  const decompressed =
+    out && decompress && copied.out && 'hex' in copied.out ? { tmp: out, digest: `sha256:${copied.out.hex}` as Digest, algorithm: decompress } : undefined
+  if (copied.out && 'error' in copied.out) target.onError(`decompressing ${digest} (${decompress})`, copied.out.error)
   const dropAll = () => Promise.all([removeQuietly(tmp), decompressed && removeQuietly(decompressed.tmp)])
   try {
     checkDigest({ digest: `${digestAlgorithm(digest)}:${copied.hex}` as Digest, bytes: copied.bytes }, { expected: digest, size: info.size })

@@ -57,11 +57,12 @@ export interface Decompression {
 }
 
 /**
- * Starts decompressing `algorithm` into a temporary file of `dir` named after `base`: gzip on
- * the decompression thread (see decompress-thread.ts), the others here.
+ * Starts decompressing `algorithm` into a temporary file of `dir` named after `base`: gzip and
+ * zstd on a decompression thread (see decompress-thread.ts), bzip2 and xz here.
  */
 export function startDecompression(dir: string, base: string, algorithm: DetectedAlgorithm, onError: CacheErrorHandler): Decompression {
-  return (algorithm === 'gzip' && threadDecompression(dir, base, onError)) || new StreamDecompression(dir, base, algorithm, onError)
+  const threaded = algorithm === 'gzip' || algorithm === 'zstd' ? threadDecompression(dir, base, onError, algorithm) : undefined
+  return threaded ?? new StreamDecompression(dir, base, algorithm, onError)
 }
 
 /**
