@@ -12,20 +12,24 @@ import { FileCopyError, PIECE_BYTES, copyFileOnThread, decompressionThreads, thr
 
 const chunks = (data: Buffer, n: number) => Array.from({ length: Math.ceil(data.length / n) }, (_, i) => data.subarray(i * n, (i + 1) * n))
 
-async function run(dir: string, input: Buffer, pieceBytes: number) {
+async function run(dir: string, input: Buffer, pieceBytes: number, algorithm: 'gzip' | 'zstd' = 'gzip') {
   const errors: unknown[] = []
-  const job = threadDecompression(dir, 'sha256:base', (_what, err) => errors.push(err))!
+  const job = threadDecompression(dir, 'sha256:base', (_what, err) => errors.push(err), algorithm)!
   expect(job).toBeDefined()
+  expect(job.algorithm).toBe(algorithm)
   for (const c of chunks(input, pieceBytes)) await job.write(c)
   job.end()
   return { file: await job.done, errors }
 }
 
+/** The input given in small pieces, and in chunks larger than a piece. */
+const PIECE_SIZES: [string, number][] = [
+  ['small pieces', 1000],
+  ['chunks larger than a piece', PIECE_BYTES + 12345],
+]
+
 describe('decompression thread (gzip)', () => {
-  it.each([
-    ['small pieces', 1000],
-    ['chunks larger than a piece', PIECE_BYTES + 12345],
-  ])('writes the decompressed bytes and their sha256 to a temporary file (%s)', async (_name, pieceBytes) => {
+  it.each(PIECE_SIZES)('writes the decompressed bytes and their sha256 to a temporary file (%s)', async (_name, pieceBytes) => {
     const dir = await testDir()
     // two members, as concatenated gzip files are; partly compressible, partly not
     const plain = Buffer.concat([Buffer.alloc(3 << 20, 'a'), randomBytes(1 << 20), Buffer.from('tail')])
@@ -240,25 +244,12 @@ describe('decompression thread (zstd)', () => {
     return Buffer.concat([head, payload])
   }
 
-  async function runZstd(dir: string, input: Buffer, pieceBytes: number) {
-    const errors: unknown[] = []
-    const job = threadDecompression(dir, 'sha256:base', (_what, err) => errors.push(err), 'zstd')!
-    expect(job).toBeDefined()
-    expect(job.algorithm).toBe('zstd')
-    for (const c of chunks(input, pieceBytes)) await job.write(c)
-    job.end()
-    return { file: await job.done, errors }
-  }
-
-  it.each([
-    ['small pieces', 1000],
-    ['chunks larger than a piece', PIECE_BYTES + 12345],
-  ])('decompresses frames one after another, skippable ones skipped, output larger than a stage (%s)', async (_name, pieceBytes) => {
+  it.each(PIECE_SIZES)('decompresses frames one after another, skippable ones skipped, output larger than a stage (%s)', async (_name, pieceBytes) => {
     const dir = await testDir()
     // compresses to far less than it decompresses to: one piece makes several stages of output
     const plain = Buffer.concat([Buffer.alloc(3 << 20, 'a'), randomBytes(1 << 20), Buffer.from('tail')])
     const input = Buffer.concat([await zstd(plain.subarray(0, 2 << 20)), skippable(Buffer.from('chunked toc')), await zstd(plain.subarray(2 << 20)), skippable(Buffer.alloc(0))])
-    const { file, errors } = await runZstd(dir, input, pieceBytes)
+    const { file, errors } = await run(dir, input, pieceBytes, 'zstd')
     expect(errors).toEqual([])
     expect(file?.digest).toBe(digestOf(plain))
     expect((await readFile(file!.tmp)).equals(plain)).toBe(true)
@@ -271,7 +262,7 @@ describe('decompression thread (zstd)', () => {
   ])('refuses a stream %s, reported once, no file left', async (_name, spoil) => {
     const dir = await testDir()
     const input = spoil(await zstd(Buffer.concat([randomBytes(200_000), Buffer.alloc(1 << 20, 'z')])))
-    const { file, errors } = await runZstd(dir, input, 64 << 10)
+    const { file, errors } = await run(dir, input, 64 << 10, 'zstd')
     expect(file).toBeUndefined()
     expect(errors).toHaveLength(1)
     expect((await readdir(dir)).filter((n) => n.startsWith('.tmp-'))).toEqual([])

@@ -1,6 +1,6 @@
 // Decompressing gzip and zstd layers on threads of their own. The cache stores the decompressed
-// form of every compressed layer it sees; on the main thread that cost a cold copy of 4 x 41 MiB layers about
-// 550 ms of main-thread time (sha256 of 256 MiB, zlib's callbacks, 256 writes and their garbage)
+// form of every compressed layer it sees; on the main thread that cost a cold copy of 4 x 41 MiB
+// layers about 550 ms of main-thread time (sha256 of 256 MiB, zlib's callbacks, 256 writes and their garbage)
 // while the main thread also had to read and write the layers. Here the main thread only copies
 // the compressed bytes into pieces; a worker thread (one per core at most, as layers come)
 // inflates them on itself, straight into the page-aligned memory the file is written from,
@@ -257,64 +257,70 @@ class Job {
     }
     this.run(buf, 0, back)
   }
+  // decodes buf from i on; back() once all of it is taken (or the job is over)
   run(buf, i, back) {
     try {
-      for (;;) {
-        if (this.over) break
-        if (this.out.failed) throw this.out.failed
-        if (this.state === PADDING || i >= buf.length) break
-        if (this.state === HEADER) {
-          const at = readHeader(this.header, buf, i)
-          if (at < 0) break
-          i = at
-          this.state = BODY
-          this.memberBytes = 0
-          this.inflater = createInflateRaw()
-          this.inflater.on('error', () => {})
-        } else if (this.state === BODY) {
-          const room = this.out.room()
-          if (room === 0) {
-            this.out.waiter = () => this.run(buf, i, back)
-            return
-          }
-          const inflater = this.inflater
-          const state = inflater._writeState
-          const given = buf.length - i
-          inflater._handle.writeSync(Z_NO_FLUSH, buf, i, given, this.out.stages[0], this.out.filled, room)
-          if (inflater.errored) throw inflater.errored
-          const made = room - state[0]
-          i += given - state[1]
-          this.out.took(made)
-          this.memberBytes += made
-          // room and bytes left, yet it stopped: the member's deflate data has ended
-          if (state[0] > 0 && state[1] > 0) {
-            inflater.close()
-            this.inflater = null
-            this.state = TRAILER
-          }
-        } else if (this.state === TRAILER) {
-          const n = Math.min(8 - this.trailerBytes, buf.length - i)
-          this.trailer.set(buf.subarray(i, i + n), this.trailerBytes)
-          this.trailerBytes += n
-          i += n
-          if (this.trailerBytes === 8) {
-            if (this.trailer.readUInt32LE(4) !== this.memberBytes % 4294967296) throw zlibError('incorrect length check', 'Z_DATA_ERROR')
-            this.state = NEXT
-          }
-        } else if (buf[i] === 0) {
-          // after a member: zero bytes of padding (the rest is ignored), or another member
-          this.state = PADDING
-        } else {
-          this.state = HEADER
-          this.header = newHeader()
-          this.trailerBytes = 0
-        }
-      }
+      if (!this.decode(buf, i, back)) return
     } catch (err) {
       this.fail(err)
     }
     back()
     this.next()
+  }
+  // false when it stopped for room in the output, and will run again once there is
+  decode(buf, i, back) {
+    for (;;) {
+      if (this.over) break
+      if (this.out.failed) throw this.out.failed
+      if (this.state === PADDING || i >= buf.length) break
+      if (this.state === HEADER) {
+        const at = readHeader(this.header, buf, i)
+        if (at < 0) break
+        i = at
+        this.state = BODY
+        this.memberBytes = 0
+        this.inflater = createInflateRaw()
+        this.inflater.on('error', () => {})
+      } else if (this.state === BODY) {
+        const room = this.out.room()
+        if (room === 0) {
+          this.out.waiter = () => this.run(buf, i, back)
+          return false
+        }
+        const inflater = this.inflater
+        const state = inflater._writeState
+        const given = buf.length - i
+        inflater._handle.writeSync(Z_NO_FLUSH, buf, i, given, this.out.stages[0], this.out.filled, room)
+        if (inflater.errored) throw inflater.errored
+        const made = room - state[0]
+        i += given - state[1]
+        this.out.took(made)
+        this.memberBytes += made
+        // room and bytes left, yet it stopped: the member's deflate data has ended
+        if (state[0] > 0 && state[1] > 0) {
+          inflater.close()
+          this.inflater = null
+          this.state = TRAILER
+        }
+      } else if (this.state === TRAILER) {
+        const n = Math.min(8 - this.trailerBytes, buf.length - i)
+        this.trailer.set(buf.subarray(i, i + n), this.trailerBytes)
+        this.trailerBytes += n
+        i += n
+        if (this.trailerBytes === 8) {
+          if (this.trailer.readUInt32LE(4) !== this.memberBytes % 4294967296) throw zlibError('incorrect length check', 'Z_DATA_ERROR')
+          this.state = NEXT
+        }
+      } else if (buf[i] === 0) {
+        // after a member: zero bytes of padding (the rest is ignored), or another member
+        this.state = PADDING
+      } else {
+        this.state = HEADER
+        this.header = newHeader()
+        this.trailerBytes = 0
+      }
+    }
+    return true
   }
   end() {
     if (this.over) return
@@ -368,27 +374,22 @@ class ZstdJob extends Job {
     this.midFrame = false
     this.full = false
   }
-  run(buf, i, back) {
-    try {
-      while (!this.over && (i < buf.length || this.full)) {
-        if (this.out.failed) throw this.out.failed
-        const room = this.out.room()
-        if (room === 0) {
-          this.out.waiter = () => this.run(buf, i, back)
-          return
-        }
-        const at = this.out.filled
-        const [ret, produced, consumed] = this.dctx.decompressStream(this.out.stages[0].subarray(at, at + room), buf.subarray(i))
-        this.out.took(produced)
-        i += consumed
-        this.midFrame = ret !== 0
-        this.full = produced === room
+  decode(buf, i, back) {
+    while (!this.over && (i < buf.length || this.full)) {
+      if (this.out.failed) throw this.out.failed
+      const room = this.out.room()
+      if (room === 0) {
+        this.out.waiter = () => this.run(buf, i, back)
+        return false
       }
-    } catch (err) {
-      this.fail(err)
+      const at = this.out.filled
+      const [ret, produced, consumed] = this.dctx.decompressStream(this.out.stages[0].subarray(at, at + room), buf.subarray(i))
+      this.out.took(produced)
+      i += consumed
+      this.midFrame = ret !== 0
+      this.full = produced === room
     }
-    back()
-    this.next()
+    return true
   }
   end() {
     if (this.over) return
@@ -403,8 +404,8 @@ class ZstdJob extends Job {
 // A blob the thread reads from a local file itself (a layout's blob): read straight into the
 // page-aligned stages of its copy, the cache's .tmp- file (hashed there with the blob's
 // algorithm, and written with O_DIRECT unless told not to), and from the same memory given to
-// a Job (a ZstdJob for zstd) decompressing it into the decompressed file when it is a layer. The main thread
-// touches none of the bytes. A failure of the source or of the copy ends it ([id, null, message,
+// a Job (a ZstdJob for zstd) decompressing it into the decompressed file when it is a layer. The
+// main thread touches none of the bytes. A failure of the source or of the copy ends it ([id, null, message,
 // code, side], side 'source' or 'cache', nothing left); one of the decompression only loses
 // the decompressed file. It ends with [id, { hex, bytes, out }], out being the Job's answer.
 // Progress: [id, bytes read] every PROGRESS bytes.
