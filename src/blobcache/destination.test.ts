@@ -14,6 +14,7 @@ import { MediaType } from '../media-types.js'
 import { DirReference } from '../transports/dir.js'
 import type { BlobInfo, ImageDestination } from '../types.js'
 import { BlobCacheDestination } from './destination.js'
+import { openLocalBlob } from './local-file.js'
 import { BlobCache } from './reference.js'
 import { hasVerifiedStamp } from './stamp.js'
 import { Counters } from './stats.js'
@@ -477,6 +478,30 @@ describe('BlobCacheDestination.putBlobFromLocalFile (a source\'s own file, read 
     const putting = dest.putBlobFromLocalFile!(file, info(bigGz), { signal: ac.signal, onProgress: () => ac.abort(new Error('stop here')) })
     await expect(putting).rejects.toThrow('stop here')
     expect(await entries(cacheDir)).toEqual([])
+  })
+
+  it('a stream of a local file opened while the copy is aborted rejects, and leaves no error unheard', async () => {
+    const { file } = await localSetup(gz)
+    const unheard: unknown[] = []
+    const onUncaught = (err: unknown) => unheard.push(err)
+    process.on('uncaughtException', onUncaught)
+    try {
+      for (const onProgress of [undefined, () => {}]) {
+        const ac = new AbortController()
+        const opening = openLocalBlob(file, info(gz), { signal: ac.signal, onProgress })
+        ac.abort(new Error('stop')) // while the file is being opened
+        await expect(opening).rejects.toThrow('stop')
+      }
+      // an abort after the opening reaches whoever reads the stream, and nobody else
+      const ac = new AbortController()
+      const stream = await openLocalBlob(file, info(gz), { signal: ac.signal })
+      ac.abort(new Error('later'))
+      await new Promise((resolve) => setTimeout(resolve, 20))
+      expect((await readAll(stream)).equals(gz)).toBe(true)
+    } finally {
+      process.off('uncaughtException', onUncaught)
+    }
+    expect(unheard).toEqual([])
   })
 
   it('exists only when the inner destination has putBlobFromFile', async () => {

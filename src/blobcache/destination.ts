@@ -272,7 +272,16 @@ export class BlobCacheDestination implements ImageDestination {
   }
 
   async #putBlobFromLocalFile(path: string, info: BlobInfo, opts: PutBlobOptions = {}): Promise<BlobInfo> {
-    const streamed = async () => this.putBlob(await openLocalBlob(path, info, opts), info, opts)
+    // the stream's way: through putBlob (the cache), or to the wrapped destination alone; the
+    // file is closed whatever the reader did with it
+    const streamed = async (to: ImageDestination = this) => {
+      const stream = await openLocalBlob(path, info, opts)
+      try {
+        return await to.putBlob(stream, info, opts)
+      } finally {
+        stream.destroy()
+      }
+    }
     if (!info.digest) return streamed()
     const digest = parseDigest(info.digest)
     const name = entryName(digest, opts.isConfig)
@@ -284,7 +293,7 @@ export class BlobCacheDestination implements ImageDestination {
       onError: (what, err) => this.#error(what, err),
     })
     if (copied === undefined) return streamed()
-    if (copied === null) return this.#inner.putBlob(await openLocalBlob(path, info, opts), info, opts)
+    if (copied === null) return streamed(this.#inner)
     const outcome: TeeOutcome = { verified: true, stored: false, algorithm: copied.algorithm }
     const final = join(this.#dir, name)
     try {

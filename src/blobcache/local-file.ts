@@ -7,7 +7,7 @@
 // the destination has it is the entry named. Blobs the thread is not worth starting for (small
 // ones), or that it cannot decompress (bzip2, xz), go the stream's way.
 import { open } from 'node:fs/promises'
-import { type Readable, Transform, addAbortSignal, pipeline } from 'node:stream'
+import { type Readable, Transform, pipeline } from 'node:stream'
 import debug from 'debug'
 import { PEEK_BYTES, detectCompression } from '../compression.js'
 import { type Digest, checkDigest, digestAlgorithm } from '../digest.js'
@@ -113,8 +113,10 @@ export async function copyLocalFile(
 }
 
 /**
- * The file as a stream of 1 MiB chunks (aborted with `opts.signal`), for the stream's way, that
- * tells `opts.onProgress` the bytes read as they are; a missing file is `BLOB_UNKNOWN`.
+ * The file as a stream of 1 MiB chunks for the stream's way, telling `opts.onProgress` the bytes
+ * read as they are; a missing file is `BLOB_UNKNOWN`, and an abort while it opens rejects with
+ * the signal's reason. The signal is not tied to the stream: the reader, which applies it,
+ * hears an abort after that, and no error of the stream can fire before someone listens.
  */
 export async function openLocalBlob(path: string, info: BlobInfo, opts: PutBlobOptions = {}): Promise<Readable> {
   opts.signal?.throwIfAborted()
@@ -125,21 +127,22 @@ export async function openLocalBlob(path: string, info: BlobInfo, opts: PutBlobO
     if (errnoCode(err) === 'ENOENT') throw new ImageError('BLOB_UNKNOWN', `blob ${info.digest ?? ''} (${path}): not found`, { cause: err })
     throw err
   }
-  const stream = handle.createReadStream({ highWaterMark: HIGH_WATER_MARK })
-  if (opts.signal) addAbortSignal(opts.signal, stream)
+  if (opts.signal?.aborted) {
+    await handle.close()
+    throw opts.signal.reason
+  }
   const { onProgress } = opts
-  if (!onProgress) return stream
   let bytes = 0
   const counted = new Transform({
     highWaterMark: HIGH_WATER_MARK,
     transform(chunk: Buffer, _encoding, cb) {
       bytes += chunk.length
-      onProgress(bytes)
+      onProgress?.(bytes)
       cb(null, chunk)
     },
   })
-  // an error of the file (or the abort) reaches the reader through the counter
-  pipeline(stream, counted, () => {})
+  // pipeline listens to both streams from now on; a read error reaches the reader through it
+  pipeline(handle.createReadStream({ highWaterMark: HIGH_WATER_MARK }), counted, () => {})
   return counted
 }
 
