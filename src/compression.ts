@@ -1,5 +1,6 @@
 import type * as ChildProcess from 'node:child_process'
 import { accessSync, constants as fsConstants } from 'node:fs'
+import { open } from 'node:fs/promises'
 import { delimiter, join } from 'node:path'
 import { Readable, Transform, type TransformCallback, type Writable, finished } from 'node:stream'
 import type * as Zlib from 'node:zlib'
@@ -26,6 +27,18 @@ export function isCompressionAlgorithm(s: unknown): s is CompressionAlgorithm {
 export const PEEK_BYTES = 8
 
 const CHUNK = 1 << 20
+
+/** The compression of the file at `path`, from its first bytes (see {@link detectCompression}); rejects when it cannot be read. */
+export async function detectFileCompression(path: string): Promise<DetectedAlgorithm | null> {
+  const handle = await open(path, 'r')
+  try {
+    const head = Buffer.alloc(PEEK_BYTES)
+    const { bytesRead } = await handle.read(head, 0, PEEK_BYTES, 0)
+    return detectCompression(head.subarray(0, bytesRead))
+  } finally {
+    await handle.close()
+  }
+}
 
 /**
  * Detects the compression of a blob from its first bytes: gzip (`1f 8b 08`), zstd (`28 b5 2f

@@ -1,8 +1,7 @@
 import debug from 'debug'
-import { open } from 'node:fs/promises'
 import { PassThrough, type Readable, Transform, type TransformCallback } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
-import { compressStream, decompressStream, detectCompression, peekCompression } from './compression.js'
+import { compressStream, decompressStream, detectFileCompression, peekCompression } from './compression.js'
 import { type Digest, verifyDigest } from './digest.js'
 import { ImageError } from './errors.js'
 import { layerMediaType } from './manifest.js'
@@ -161,16 +160,15 @@ export class BlobCopier {
     signal.throwIfAborted()
     const file = await this.src.getVerifiedBlobPath?.(info, { signal })
     if (file && this.dest.putBlobFromFile) {
-      const detected = kind === 'layer' ? detectCompression(await readHead(file)) : undefined
+      const detected = kind === 'layer' ? await detectFileCompression(file) : undefined
       const step = req.mayTransform && detected !== undefined ? this.#step(detected) : undefined
       if (!step) return this.#putFile(file, req, detected)
       log('layer %s: verified file %s needs %o, streaming instead', info.digest, file, step)
     } else if (!file && this.dest.putBlobFromLocalFile && this.src.getLocalBlobPath) {
       // the source's own file, read (and verified) by the destination itself
       const local = await this.src.getLocalBlobPath(info, { signal })
-      const head = local && kind === 'layer' ? await readHead(local).catch(() => undefined) : undefined
-      if (local && (kind === 'config' || head)) {
-        const detected = head ? detectCompression(head) : undefined
+      const detected = local && kind === 'layer' ? await detectFileCompression(local).catch(() => undefined) : undefined
+      if (local && (kind === 'config' || detected !== undefined)) {
         const step = req.mayTransform && detected !== undefined ? this.#step(detected) : undefined
         if (!step) return this.#putFile(local, req, detected, true)
         log('layer %s: local file %s needs %o, streaming instead', info.digest, local, step)
@@ -323,17 +321,6 @@ function checkStored(stored: BlobInfo, digest: Digest, size: number): void {
 }
 
 /** The first bytes of a file (enough for compression magic numbers). */
-async function readHead(file: string): Promise<Buffer> {
-  const fh = await open(file, 'r')
-  try {
-    const buf = Buffer.alloc(32)
-    const { bytesRead } = await fh.read(buf, 0, buf.length, 0)
-    return buf.subarray(0, bytesRead)
-  } finally {
-    await fh.close()
-  }
-}
-
 /** Awaits `p`, rejecting with `signal.reason` (after `cleanup`) as soon as the signal aborts. */
 async function untilAborted<T>(p: Promise<T>, signal: AbortSignal, cleanup: () => void): Promise<T> {
   // Whichever side loses the race must not surface later as an unhandled rejection.

@@ -9,7 +9,7 @@
 import { open } from 'node:fs/promises'
 import { type Readable, Transform, pipeline } from 'node:stream'
 import debug from 'debug'
-import { PEEK_BYTES, detectCompression } from '../compression.js'
+import { detectFileCompression } from '../compression.js'
 import { type Digest, checkDigest, digestAlgorithm } from '../digest.js'
 import { ImageError, errnoCode } from '../errors.js'
 import type { BlobInfo, DetectedAlgorithm, PutBlobOptions } from '../types.js'
@@ -62,9 +62,8 @@ export async function copyLocalFile(
   target: LocalFileTarget,
 ): Promise<LocalFileCopy | null | undefined> {
   const { digest } = info
-  const head = await readHead(path)
-  if (!head) return undefined // the stream's way reports it
-  const algorithm = detectCompression(head)
+  const algorithm = await detectFileCompression(path).catch(() => undefined)
+  if (algorithm === undefined) return undefined // the stream's way reports it
   const decompress = (algorithm === 'gzip' || algorithm === 'zstd') && !opts.isConfig ? algorithm : undefined
   if (!decompress && (algorithm !== null || opts.isConfig || (info.size >= 0 && info.size < THREAD_COPY_MIN_BYTES))) return undefined
   const tmp = tempPath(target.dir, name)
@@ -144,20 +143,4 @@ export async function openLocalBlob(path: string, info: BlobInfo, opts: PutBlobO
   // pipeline listens to both streams from now on; a read error reaches the reader through it
   pipeline(handle.createReadStream({ highWaterMark: HIGH_WATER_MARK }), counted, () => {})
   return counted
-}
-
-/** The first bytes of the file, or undefined when it cannot be read. */
-async function readHead(path: string): Promise<Buffer | undefined> {
-  try {
-    const handle = await open(path, 'r')
-    try {
-      const buf = Buffer.alloc(PEEK_BYTES)
-      const { bytesRead } = await handle.read(buf, 0, buf.length, 0)
-      return buf.subarray(0, bytesRead)
-    } finally {
-      await handle.close()
-    }
-  } catch {
-    return undefined
-  }
 }

@@ -3,13 +3,13 @@
 // background from its cache entry, in `compress` mode). Each is written to a `.tmp-` file,
 // hashed as it is written, named by that hash, and linked to its origin by the notes.
 import { createReadStream } from 'node:fs'
-import { open, rename } from 'node:fs/promises'
+import { rename } from 'node:fs/promises'
 import { once } from 'node:events'
 import { join } from 'node:path'
 import type { Transform } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import debug from 'debug'
-import { PEEK_BYTES, compressStream, decompressStream, detectCompression } from '../compression.js'
+import { compressStream, decompressStream, detectFileCompression } from '../compression.js'
 import { type Digest, verifyDigest } from '../digest.js'
 import { errnoCode } from '../errors.js'
 import { openNewFile } from '../io/new-file.js'
@@ -207,18 +207,10 @@ async function placeFile(dir: string, file: DerivedFile): Promise<void> {
 
 /** True when the file exists and its first bytes show no known compression. */
 async function isUncompressedFile(path: string): Promise<boolean> {
-  let handle
   try {
-    handle = await open(path, 'r')
+    return (await detectFileCompression(path)) === null
   } catch (err) {
     if (errnoCode(err) === 'ENOENT') return false
     throw err
-  }
-  try {
-    const head = Buffer.alloc(PEEK_BYTES)
-    const { bytesRead } = await handle.read(head, 0, PEEK_BYTES, 0)
-    return detectCompression(head.subarray(0, bytesRead)) === null
-  } finally {
-    await handle.close()
   }
 }
