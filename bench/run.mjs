@@ -6,7 +6,7 @@
 //   node bench/run.mjs --only oci-dir,rss
 //
 // Cases (names for --only): oci-dir oci-oci oci-oci-archive oci-archive-oci dir-oci rss
-// cache-cold cache-warm. Commands of a case are alternated run by run, each run gets a fresh
+// cache-cold cache-warm compress. Commands of a case are alternated run by run, each run gets a fresh
 // destination (removed before it, outside the timing), and one untimed warm-up run of each
 // command comes first. Prints medians and ratios, and writes bench/results.json.
 import { execFileSync } from 'node:child_process'
@@ -23,7 +23,7 @@ import {
 const MiB = 1 << 20
 
 const CASES = ['oci-dir', 'oci-oci', 'oci-oci-archive', 'oci-archive-oci', 'dir-oci']
-const ALL = [...CASES, 'rss', 'cache-cold', 'cache-warm']
+const ALL = [...CASES, 'rss', 'cache-cold', 'cache-warm', 'compress']
 
 const { opts, runs } = benchArgs(
   'usage: node bench/run.mjs [--runs N] [--only CASE[,CASE…]] [--cache DIR] [--no-warmup]\n' +
@@ -98,6 +98,23 @@ for (const name of CASES.filter((c) => only.includes(c))) {
   const times = await timeCase(name, cmds, clean)
   const row = compare(`${from} -> ${to}`, times, 'ours', 'skopeo', 0.6)
   results.cases.push({ name, src, dst, ...row })
+  table.push(row)
+}
+
+// ---- gzip compression (information): the image with zstd layers, recompressed as gzip ----------
+if (only.includes('compress')) {
+  const zstdImage = join(cacheDir, 'oci-4x64-zstd')
+  if (!existsSync(join(zstdImage, '.complete'))) {
+    await rm(zstdImage, { recursive: true, force: true })
+    execFileSync(...cliRun(CLI, ['copy', '-q', '--dest-compress-format', 'zstd', sources.oci, `oci:${zstdImage}:latest`]))
+    execFileSync('touch', [join(zstdImage, '.complete')])
+  }
+  const src = `oci:${zstdImage}:latest`
+  const cmds = { ours: ours(src, destinations.oci, ['--dest-compress-format', 'gzip']) }
+  if (skopeoBin) cmds.skopeo = [skopeoBin, ['--policy', policy, 'copy', '-q', '--dest-compress-format', 'gzip', src, destinations.oci]]
+  const times = await timeCase('compress', cmds, clean)
+  const row = compare('zstd -> gzip, oci -> oci', times, 'ours', 'skopeo', null)
+  results.cases.push({ name: 'compress', src, dst: destinations.oci, ...row })
   table.push(row)
 }
 
@@ -199,7 +216,7 @@ function compare(label, times, a, b, target) {
     medianB: round3(mb),
     ratio: round3(ratio),
     target,
-    pass: ratio !== null && ratio <= target,
+    pass: ratio !== null && (target === null || ratio <= target),
   }
 }
 
@@ -211,8 +228,8 @@ function printTable(rows) {
     r.medianA?.toFixed(3) ?? 'error',
     r.medianB?.toFixed(3) ?? (r.runsB === undefined ? 'n/a' : 'error'),
     r.ratio?.toFixed(3) ?? '-',
-    `<= ${r.target.toFixed(1)}`,
-    r.ratio === null ? '' : r.pass ? 'ok' : 'MISS',
+    r.target === null ? '(info)' : `<= ${r.target.toFixed(1)}`,
+    r.ratio === null || r.target === null ? '' : r.pass ? 'ok' : 'MISS',
   ])
   printColumns(head, lines)
 }

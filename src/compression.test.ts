@@ -6,6 +6,7 @@ import { pipeline } from 'node:stream/promises'
 import { gzipSync } from 'node:zlib'
 import { describe, expect, it, onTestFinished } from 'vitest'
 import {
+  DEFAULT_GZIP_LEVEL,
   compressStream,
   compressionAlgorithms,
   decompressStream,
@@ -15,6 +16,7 @@ import {
   peekCompression,
 } from './compression.js'
 import { digestOf } from './digest.js'
+import { ParallelGzip } from './io/parallel-gzip.js'
 
 /** Compressible but not trivial: random words repeated with variation. */
 function sample(bytes: number): Buffer {
@@ -247,6 +249,21 @@ describe.each(compressionAlgorithms)('%s streams', (alg) => {
     const p = pipeline(src, compressStream(alg), new PassThrough(), { signal: ac.signal })
     setTimeout(() => ac.abort(reason), 10)
     await expect(p).rejects.toMatchObject({ name: 'AbortError', cause: reason })
+  })
+})
+
+describe('gzip compression', () => {
+  it('deflates in parallel blocks at level 4 by default, and in one zlib stream at level 0', async () => {
+    const data = Buffer.concat([(await readFile(process.execPath)).subarray(0, 3 << 20), randomBytes(1 << 20)])
+    const byDefault = await through(data, compressStream('gzip'))
+    // the parallel writer's header: OS 255 (zlib writes the OS it runs on: 3 on Unix)
+    expect(byDefault[9]).toBe(255)
+    expect(byDefault.equals(await through(data, new ParallelGzip(DEFAULT_GZIP_LEVEL)))).toBe(true)
+    expect(byDefault.equals(await through(data, compressStream('gzip', { level: -1 })))).toBe(true)
+    expect(DEFAULT_GZIP_LEVEL).toBe(4)
+    const stored = await through(data, compressStream('gzip', { level: 0 }))
+    expect(stored[9]).not.toBe(255)
+    for (const out of [byDefault, stored]) expect((await through(out, decompressStream('gzip'))).equals(data)).toBe(true)
   })
 })
 

@@ -7,6 +7,7 @@ import type * as Zlib from 'node:zlib'
 import debug from 'debug'
 import type * as Zstd from 'zstd-napi'
 import { ImageError } from './errors.js'
+import { ParallelGzip, parallelGzipAvailable } from './io/parallel-gzip.js'
 import { requireLazily } from './lazy-require.js'
 import type { CompressionAlgorithm, DetectedAlgorithm } from './types.js'
 
@@ -27,6 +28,14 @@ export function isCompressionAlgorithm(s: unknown): s is CompressionAlgorithm {
 export const PEEK_BYTES = 8
 
 const CHUNK = 1 << 20
+
+/**
+ * The gzip level when none is given (or -1). Not zlib's 6: on real layers (a tar of /usr/bin, one
+ * of Python's library and /usr/share/doc) zlib's level 4 was 1.5 times as fast as its level 6,
+ * and its output 1.5-2.6% larger, yet still smaller than skopeo's (whose default came out
+ * between zlib's levels 1 and 4 in size). Level 6 and up remain a flag away.
+ */
+export const DEFAULT_GZIP_LEVEL = 4
 
 /** The compression of the file at `path`, from its first bytes (see {@link detectCompression}); rejects when it cannot be read. */
 export async function detectFileCompression(path: string): Promise<DetectedAlgorithm | null> {
@@ -102,24 +111,28 @@ export function peekCompression(stream: Readable): Promise<{ algorithm: Detected
 /** Options of {@link compressStream}. */
 export interface CompressOptions {
   /**
-   * Compression level. gzip: 0-9, default 6 (zlib's default; Go's is the same). zstd: 1-19 (up
-   * to 22, negative for faster), default 3.
+   * Compression level. gzip: 0-9, default 4 ({@link DEFAULT_GZIP_LEVEL}; -1 means the default).
+   * zstd: 1-19 (up to 22, negative for faster), default 3.
    */
   level?: number
 }
 
 /**
- * A Transform that compresses with `alg`. gzip uses node:zlib with 1 MiB output chunks; zstd uses
- * zstd-napi and writes one frame with a content checksum. Throws `UNSUPPORTED` for an unknown
- * algorithm or a level outside the algorithm's range.
+ * A Transform that compresses with `alg`. gzip deflates 1 MiB blocks in parallel on libuv's
+ * thread pool into one gzip member (see io/parallel-gzip.ts; level 0, or a Node.js before 20.15,
+ * uses one node:zlib stream); zstd uses zstd-napi and writes one frame with a content checksum.
+ * Throws `UNSUPPORTED` for an unknown algorithm or a level outside the algorithm's range.
  */
 export function compressStream(alg: CompressionAlgorithm, opts: CompressOptions = {}): Transform {
   const level = opts.level
   if (level !== undefined && !Number.isInteger(level)) throw unsupportedLevel(alg, level)
   switch (alg) {
-    case 'gzip':
+    case 'gzip': {
       if (level !== undefined && (level < -1 || level > 9)) throw unsupportedLevel(alg, level)
-      return new (gzipStreams().Gzip)({ level: level ?? gzipStreams().defaultLevel, chunkSize: CHUNK })
+      const gzipLevel = level === undefined || level === -1 ? DEFAULT_GZIP_LEVEL : level
+      if (gzipLevel > 0 && parallelGzipAvailable()) return new ParallelGzip(gzipLevel)
+      return new (gzipStreams().Gzip)({ level: gzipLevel, chunkSize: CHUNK })
+    }
     case 'zstd':
       if (level !== undefined && (level < -(1 << 17) || level > 22)) throw unsupportedLevel(alg, level)
       return new (zstdStreams().Compress)({ compressionLevel: level ?? 3, checksumFlag: true })
@@ -165,7 +178,7 @@ function isZlibError(err: Error | null): err is Error {
   return typeof code === 'string' && code.startsWith('Z_')
 }
 
-let gzip: { Gzip: typeof Zlib.Gzip; Gunzip: typeof Zlib.Gunzip; defaultLevel: number } | undefined
+let gzip: { Gzip: typeof Zlib.Gzip; Gunzip: typeof Zlib.Gunzip } | undefined
 
 /**
  * node:zlib's gzip streams with our error mapping. node:zlib is loaded on first use, like
@@ -184,7 +197,7 @@ function gzipStreams(): NonNullable<typeof gzip> {
       super._destroy(err, (e) => cb(e && isZlibError(e) ? corrupt('gzip', e) : e))
     }
   }
-  return (gzip = { Gzip, Gunzip, defaultLevel: zlib.constants.Z_DEFAULT_COMPRESSION })
+  return (gzip = { Gzip, Gunzip })
 }
 
 let zstd: { Compress: typeof Zstd.CompressStream; Decompress: typeof Zstd.DecompressStream } | undefined

@@ -61,7 +61,7 @@ export function addCopyCommand(program: Command, ctx: RunContext): void {
     .addOption(new Option('--dest-compress', 'compress layers at the destination (gzip unless --dest-compress-format)').conflicts('destDecompress'))
     .addOption(new Option('--dest-decompress', 'decompress layers at the destination').conflicts('destCompressFormat'))
     .addOption(new Option('--dest-compress-format <alg>', 'compress layers with this algorithm (implies --dest-compress)').choices(['gzip', 'zstd']))
-    .addOption(new Option('--dest-compress-level <n>', 'compression level for --dest-compress (gzip 1-9, zstd 1-22)').argParser(parseCount))
+    .addOption(new Option('--dest-compress-level <n>', 'compression level for --dest-compress (gzip 1-9, default 4; zstd 1-22, default 3)').argParser(parseCount))
     .addOption(new Option('-f, --format <format>', 'manifest format of the destination').choices(['oci', 'v2s2']))
     .option('--preserve-digests', 'fail rather than change any digest (no conversion or recompression)')
     .option('--remove-signatures', 'do not copy signatures')
