@@ -62,7 +62,9 @@ export async function uploadBlob(
   let bytes = 0
 
   const started = startUpload(client, repository, what, signal).then((url) => (location = url))
-  started.catch(() => {})
+  // a session that cannot be opened ends the upload at once (the loop below throws its error),
+  // rather than once the whole source has been read for nothing
+  started.catch((err: Error) => stream.destroy(err))
 
   const patch = async (chunk: Chunk, start: number): Promise<void> => {
     let sent = 0
@@ -103,6 +105,8 @@ export async function uploadBlob(
   // PATCHes run one after another (a session takes its bytes in order); each waits for the one
   // before (the first for the POST). `last` is the newest, `beforeLast` the one queued before it.
   let last: Promise<void> = started.then(() => {})
+  // awaited below, or by the first PATCH; until then its failure must not count as unhandled
+  last.catch(() => {})
   let beforeLast: Promise<void> = Promise.resolve()
   let patches = 0
   const queuePatch = (chunk: Chunk, start: number) => {

@@ -143,6 +143,32 @@ describe.skipIf(!registryBin)('docker:// through a fault-injecting proxy', () =>
     await expect(src.getBlob({ digest: digestOf(bytes), size: -1 })).rejects.toMatchObject({ code: 'BLOB_UNKNOWN' })
   })
 
+  it('fails an upload at once when its session cannot be opened, while the source is still being read', async () => {
+    const client = new RegistryClient(proxy.host, fast)
+    proxy.setRules([{ method: 'POST', path: /\/blobs\/uploads\/$/, fault: { kind: 'status', status: 429 } }])
+    // smaller than a chunk, so no PATCH waits on the session: only the POST can fail it; the
+    // source gives 64 KiB every 100 ms, 40 times, far longer than the POST's retries take
+    const piece = Buffer.alloc(65536, 's')
+    let given = 0
+    const slow = new Readable({
+      read() {
+        if (given === 40) return void this.push(null)
+        setTimeout(() => this.push((given++, piece)), 100)
+      },
+    })
+    const unhandled: unknown[] = []
+    const onUnhandled = (reason: unknown) => unhandled.push(reason)
+    process.on('unhandledRejection', onUnhandled)
+    onTestFinished(() => void process.off('unhandledRejection', onUnhandled))
+    const size = 40 * piece.length
+    const put = uploadBlob(client, 'faults/refused', slow, { digest: digestOf(Buffer.alloc(size, 's')), size })
+    await expect(put).rejects.toMatchObject({ code: 'TOOMANYREQUESTS', status: 429, repository: 'faults/refused' })
+    expect(given).toBeLessThan(40)
+    expect(slow.destroyed).toBe(true)
+    await new Promise((resolve) => setTimeout(resolve, 50))
+    expect(unhandled).toEqual([])
+  })
+
   it('fails a pull cleanly when a blob keeps failing: typed error, nothing named in the layout', async () => {
     const layer = big()
     proxy.setRules([{ method: 'GET', path: blobPath(layer.digest), fault: { kind: 'status', status: 500 } }])
