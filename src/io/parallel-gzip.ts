@@ -52,13 +52,13 @@ export class ParallelGzip extends Transform {
   #size = 0
   /** Blocks with the pool, in input order. */
   readonly #pending: Promise<Buffer>[] = []
-  #started = false
 
   constructor(level: number) {
     super({ highWaterMark: BLOCK_BYTES })
     if (!Number.isInteger(level) || level < 1 || level > 9) throw new RangeError(`gzip level ${level}: not 1-9`)
     this.#zlib = requireLazily('node:zlib') as ZlibModule
     this.#level = level
+    this.push(HEADER)
   }
 
   override _transform(chunk: Buffer, _encoding: BufferEncoding, cb: TransformCallback): void {
@@ -95,8 +95,9 @@ export class ParallelGzip extends Transform {
     // awaited in turn by #drain; one that fails after the stream was destroyed is dropped
     deflated.catch(() => {})
     this.#pending.push(deflated)
-    // the block stays the pool's until its task is done: the next one is a new buffer
-    this.#before = block.length >= WINDOW ? block.subarray(block.length - WINDOW) : Buffer.concat([this.#before ?? Buffer.alloc(0), block]).subarray(-WINDOW)
+    // the block stays the pool's until its task is done: the next one is a new buffer. Only the
+    // last block can be shorter than the window, so the next dictionary is this block's end
+    this.#before = block.subarray(Math.max(0, block.length - WINDOW))
     this.#block = Buffer.allocUnsafe(BLOCK_BYTES)
     this.#filled = 0
   }
@@ -106,10 +107,6 @@ export class ParallelGzip extends Transform {
     while (this.#pending.length > keep) {
       const out = await this.#pending[0]
       this.#pending.shift()
-      if (!this.#started) {
-        this.#started = true
-        this.push(HEADER)
-      }
       this.push(out)
     }
   }
