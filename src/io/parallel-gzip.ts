@@ -106,7 +106,7 @@ export class ParallelGzip extends Transform {
     // the block stays the pool's until its task is done: the next one is a new buffer. Only the
     // last block can be shorter than the window, so the next dictionary is this block's end
     this.#before = block.subarray(Math.max(0, block.length - WINDOW))
-    this.#block = Buffer.allocUnsafe(BLOCK_BYTES)
+    if (!last) this.#block = Buffer.allocUnsafe(BLOCK_BYTES)
     this.#filled = 0
   }
 
