@@ -8,6 +8,7 @@ import { describe, expect, it } from 'vitest'
 import { readAll, testDir } from '../../test/helpers/conformance.js'
 import { compressStream } from '../compression.js'
 import { digestOf } from '../digest.js'
+import { stopIdleThreads } from '../io/script-worker.js'
 import { FileCopyError, PIECE_BYTES, copyFileOnThread, decompressionThreads, threadDecompression } from './decompress-thread.js'
 
 const chunks = (data: Buffer, n: number) => Array.from({ length: Math.ceil(data.length / n) }, (_, i) => data.subarray(i * n, (i + 1) * n))
@@ -346,6 +347,34 @@ describe('decompression thread: the gzip format (raw inflate, members parsed by 
 })
 
 describe('the decompression thread and the process', () => {
+  it('stopIdleThreads ends idle threads only; later layers get new threads, not the main thread', async () => {
+    const dir = await testDir()
+    const plain = Buffer.concat([randomBytes(500_000), Buffer.alloc(2 << 20, 'y')])
+    const input = gzipSync(plain)
+    expect((await run(dir, input, 100_000)).file?.digest).toBe(digestOf(plain))
+    expect(decompressionThreads()).toBeGreaterThan(0)
+
+    // a job under way keeps its thread
+    const errors: unknown[] = []
+    const busy = threadDecompression(dir, 'sha256:busy', (_what, err) => errors.push(err))!
+    await busy.write(input.subarray(0, 1000))
+    await stopIdleThreads()
+    expect(decompressionThreads()).toBe(1)
+    await busy.write(input.subarray(1000))
+    busy.end()
+    expect((await busy.done)?.digest).toBe(digestOf(plain))
+    expect(errors).toEqual([])
+
+    await stopIdleThreads()
+    expect(decompressionThreads()).toBe(0)
+    // a stop on purpose is no failure: the next layer is decompressed on a new thread
+    const next = await run(dir, input, PIECE_BYTES + 1)
+    expect(next.errors).toEqual([])
+    expect(next.file?.digest).toBe(digestOf(plain))
+    expect(decompressionThreads()).toBe(1)
+    await stopIdleThreads()
+  })
+
   it('a process that decompressed a layer on the thread exits by itself once done (the idle thread holds nothing)', async () => {
     const { spawn } = await import('node:child_process')
     const { resolve } = await import('node:path')

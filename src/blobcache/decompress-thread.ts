@@ -22,7 +22,7 @@ import type { Worker } from 'node:worker_threads'
 import debug from 'debug'
 import type { Digest, DigestAlgorithm } from '../digest.js'
 import { REMOTE_FILE_SYSTEM_TYPES } from '../io/direct-write.js'
-import { startScriptWorker } from '../io/script-worker.js'
+import { type StoppableThread, startScriptWorker, trackThread } from '../io/script-worker.js'
 import { resolveLazily } from '../lazy-require.js'
 import { removeQuietly, tempPath } from './files.js'
 import type { CacheErrorHandler, Decompression, DerivedFile } from './variants.js'
@@ -631,7 +631,7 @@ interface Job {
  * takes the pieces of its jobs in the order they come. If it fails, every job it holds fails
  * (reported, so counted as cache errors), and later layers are decompressed on the main thread.
  */
-class DecompressThread {
+class DecompressThread implements StoppableThread {
   readonly #worker: Worker
   readonly #jobs = new Map<number, Job>()
   #next = 1
@@ -639,6 +639,25 @@ class DecompressThread {
 
   constructor() {
     this.#worker = startScriptWorker<Answer>(WORKER_SOURCE, 'blobcache decompression', (m) => this.#answer(m), (err) => this.#die(err))
+    trackThread(this)
+  }
+
+  get idle(): boolean {
+    return this.#jobs.size === 0 && !this.#dead
+  }
+
+  /** Ends the thread on purpose (no job is failed, and later layers still get threads). */
+  async stop(): Promise<void> {
+    if (this.#dead) return
+    this.#dead = new Error('the decompression thread was stopped')
+    this.#forget()
+    await this.#worker.terminate()
+  }
+
+  #forget(): void {
+    trackThread(this, false)
+    const at = threads.indexOf(this)
+    if (at >= 0) threads.splice(at, 1)
   }
 
   /** Jobs it holds now. */
@@ -684,8 +703,7 @@ class DecompressThread {
     this.#dead = err
     threadFailed = true
     log('decompression thread failed: %s', err.message)
-    const at = threads.indexOf(this)
-    if (at >= 0) threads.splice(at, 1)
+    this.#forget()
     const jobs = [...this.#jobs.values()]
     this.#jobs.clear()
     for (const job of jobs) job.finish({ err })

@@ -10,6 +10,7 @@ import { abortingStream, tempLeftovers, testDir } from '../../test/helpers/confo
 import { BlobFile, THREAD_HASH_MIN } from './blob-file.js'
 import { blobPath, writeBlob } from '../image-cache/blobs.js'
 import { ThreadHash, giveBackSlab, newSlab, sharedPiece } from './hash-thread.js'
+import { runningThreads, stopIdleThreads } from './script-worker.js'
 
 /** `data` cut into pieces of `size` bytes (the last one shorter), made by `make`. */
 function pieces(data: Buffer, size: number, make: (n: number) => Buffer = (n) => Buffer.alloc(n)): Buffer[] {
@@ -41,6 +42,25 @@ describe('ThreadHash', () => {
     // an empty hash, and one that is forgotten
     expect(`sha256:${await new ThreadHash('sha256').digest()}`).toBe(digestOf(Buffer.alloc(0)))
     new ThreadHash('sha256').dispose()
+  })
+
+  it('stopIdleThreads leaves a thread that keeps an open hash, and ends it once the hash is digested', async () => {
+    const data = randomBytes(2 << 20)
+    const [first, second] = pieces(data, 1 << 20, (n) => Buffer.from(new SharedArrayBuffer(n)))
+    const h = new ThreadHash('sha256')
+    await h.update(first.buffer as SharedArrayBuffer, first.byteOffset, first.length)
+    expect(runningThreads()).toBeGreaterThan(0)
+    await stopIdleThreads()
+    // the thread holds the hash's state: it was left running, and the hash goes on
+    await h.update(second.buffer as SharedArrayBuffer, second.byteOffset, second.length)
+    expect(`sha256:${await h.digest()}`).toBe(digestOf(data))
+    await stopIdleThreads()
+    expect(runningThreads()).toBe(0)
+    // the next hash starts a new thread
+    const again = new ThreadHash('sha256')
+    await again.update(first.buffer as SharedArrayBuffer, first.byteOffset, first.length)
+    expect(`sha256:${await again.digest()}`).toBe(digestOf(first))
+    expect(runningThreads()).toBe(1)
   })
 })
 

@@ -5,7 +5,7 @@
 import type { Worker } from 'node:worker_threads'
 import debug from 'debug'
 import type { DigestAlgorithm } from '../digest.js'
-import { startScriptWorker } from './script-worker.js'
+import { type StoppableThread, startScriptWorker, trackThread } from './script-worker.js'
 
 const log = debug('blobcache:io:hash-thread')
 
@@ -43,24 +43,50 @@ type Waiter = { resolve: (hex?: string) => void; reject: (err: Error) => void }
  * first pieces wait in memory); it does not keep the process alive when idle. If it fails, every
  * hash it holds fails with that error, and the next hash starts a new thread.
  */
-class HashThread {
+class HashThread implements StoppableThread {
   readonly #worker: Worker
   /** Answers awaited, per hash id, in the order the requests were sent. */
   readonly #waiting = new Map<number, Waiter[]>()
   #pending = 0
+  /** Hashes made and not yet digested or forgotten: the thread keeps their state. */
+  #open = 0
   #next = 1
   #dead: Error | undefined
 
   constructor() {
     this.#worker = startScriptWorker<[number, (string | null)?, string?]>(WORKER_SOURCE, 'blobcache hashing', (m) => this.#answer(m), (err) => this.#die(err))
+    trackThread(this)
   }
 
   get dead(): boolean {
     return this.#dead !== undefined
   }
 
+  get idle(): boolean {
+    return this.#open === 0 && this.#pending === 0 && !this.#dead
+  }
+
+  /** Ends the thread on purpose; the next hash starts a new one. */
+  async stop(): Promise<void> {
+    if (this.#dead) return
+    this.#dead = new Error('the hashing thread was stopped')
+    this.#forget()
+    await this.#worker.terminate()
+  }
+
+  #forget(): void {
+    trackThread(this, false)
+    if (thread === this) thread = undefined
+  }
+
   newId(): number {
+    this.#open++
     return this.#next++
+  }
+
+  /** A hash is digested or forgotten: the thread keeps nothing of it once its requests are answered. */
+  closed(): void {
+    this.#open--
   }
 
   /** Sends a request and resolves its answer. */
@@ -95,7 +121,7 @@ class HashThread {
     if (this.#dead) return
     this.#dead = err
     log('hashing thread failed: %s', err.message)
-    if (thread === this) thread = undefined
+    this.#forget()
     for (const queue of this.#waiting.values()) for (const w of queue) w.reject(err)
     this.#waiting.clear()
     this.#pending = 0
@@ -130,6 +156,7 @@ export class ThreadHash {
   /** The hex digest of every piece given. */
   async digest(): Promise<string> {
     this.#done = true
+    this.#thread.closed()
     return (await this.#thread.request([this.#id, this.algorithm]))!
   }
 
@@ -137,6 +164,7 @@ export class ThreadHash {
   dispose(): void {
     if (this.#done) return
     this.#done = true
+    this.#thread.closed()
     this.#thread.forget(this.#id)
   }
 }
