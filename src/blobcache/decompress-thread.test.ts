@@ -2,14 +2,23 @@ import { randomBytes } from 'node:crypto'
 import { availableParallelism } from 'node:os'
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { Readable } from 'node:stream'
 import { crc32, deflateRawSync, gunzipSync, gzipSync } from 'node:zlib'
 import { describe, expect, it } from 'vitest'
 import { readAll, testDir } from '../../test/helpers/conformance.js'
 import { compressStream } from '../compression.js'
 import { digestOf } from '../digest.js'
-import { stopIdleThreads } from '../io/script-worker.js'
+import { setIdleLimit, stopIdleThreads } from '../io/script-worker.js'
 import { FileCopyError, PIECE_BYTES, copyFileOnThread, decompressionThreads, threadDecompression } from './decompress-thread.js'
+
+/** Resolves once `done()` holds, checked every 20 ms; fails after 5 s. */
+async function until(done: () => boolean): Promise<void> {
+  for (let waited = 0; !done(); waited += 20) {
+    if (waited >= 5000) throw new Error('still not done after 5 s')
+    await sleep(20)
+  }
+}
 
 const chunks = (data: Buffer, n: number) => Array.from({ length: Math.ceil(data.length / n) }, (_, i) => data.subarray(i * n, (i + 1) * n))
 
@@ -373,6 +382,33 @@ describe('the decompression thread and the process', () => {
     expect(next.file?.digest).toBe(digestOf(plain))
     expect(decompressionThreads()).toBe(1)
     await stopIdleThreads()
+  })
+
+  it('a thread idle for longer than the limit ends by itself; one with a job under way does not', async () => {
+    const previous = setIdleLimit(50)
+    try {
+      const dir = await testDir()
+      const plain = Buffer.concat([randomBytes(300_000), Buffer.alloc(1 << 20, 'z')])
+      const input = gzipSync(plain)
+      const errors: unknown[] = []
+      const busy = threadDecompression(dir, 'sha256:slow', (_what, err) => errors.push(err))!
+      await busy.write(input.subarray(0, 5000))
+      await sleep(300)
+      expect(decompressionThreads()).toBe(1)
+      await busy.write(input.subarray(5000))
+      busy.end()
+      expect((await busy.done)?.digest).toBe(digestOf(plain))
+      expect(errors).toEqual([])
+      // now idle: gone after the limit, and the next layer gets a new thread
+      await until(() => decompressionThreads() === 0)
+      const next = await run(dir, input, 70_000)
+      expect(next.errors).toEqual([])
+      expect(next.file?.digest).toBe(digestOf(plain))
+      expect(decompressionThreads()).toBe(1)
+      await until(() => decompressionThreads() === 0)
+    } finally {
+      setIdleLimit(previous)
+    }
   })
 
   it('a process that decompressed a layer on the thread exits by itself once done (the idle thread holds nothing)', async () => {

@@ -22,7 +22,7 @@ import type { Worker } from 'node:worker_threads'
 import debug from 'debug'
 import type { Digest, DigestAlgorithm } from '../digest.js'
 import { REMOTE_FILE_SYSTEM_TYPES } from '../io/direct-write.js'
-import { type StoppableThread, startScriptWorker, trackThread } from '../io/script-worker.js'
+import { type StoppableThread, idleChanged, startScriptWorker, trackThread } from '../io/script-worker.js'
 import { resolveLazily } from '../lazy-require.js'
 import { removeQuietly, tempPath } from './files.js'
 import type { CacheErrorHandler, Decompression, DerivedFile } from './variants.js'
@@ -677,6 +677,7 @@ class DecompressThread implements StoppableThread {
     const id = this.#next++
     if (this.#jobs.size === 0) this.#worker.ref()
     this.#jobs.set(id, job)
+    if (this.#jobs.size === 1) idleChanged(this)
     this.#worker.postMessage(Array.isArray(what) ? [id, ...what] : [id, what])
     return id
   }
@@ -691,7 +692,10 @@ class DecompressThread implements StoppableThread {
     if (m[1] instanceof ArrayBuffer) return job.taken(m[1])
     if (typeof m[1] === 'number') return job.progress?.(m[1])
     this.#jobs.delete(m[0])
-    if (this.#jobs.size === 0) this.#worker.unref()
+    if (this.#jobs.size === 0) {
+      this.#worker.unref()
+      idleChanged(this)
+    }
     if (typeof m[1] === 'string') job.finish({ hex: m[1], bytes: m[2] as number })
     else if (m[1] !== null) job.finish({ file: m[1] })
     else if (m.length === 2) job.finish(undefined)

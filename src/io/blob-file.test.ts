@@ -4,13 +4,14 @@ import { randomBytes } from 'node:crypto'
 import { readFile, readdir } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Readable } from 'node:stream'
+import { setTimeout } from 'node:timers/promises'
 import { describe, expect, it } from 'vitest'
 import { digestOf } from '../digest.js'
 import { abortingStream, tempLeftovers, testDir } from '../../test/helpers/conformance.js'
 import { BlobFile, THREAD_HASH_MIN } from './blob-file.js'
 import { blobPath, writeBlob } from '../image-cache/blobs.js'
 import { ThreadHash, giveBackSlab, newSlab, sharedPiece } from './hash-thread.js'
-import { runningThreads, stopIdleThreads } from './script-worker.js'
+import { runningThreads, setIdleLimit, stopIdleThreads } from './script-worker.js'
 
 /** `data` cut into pieces of `size` bytes (the last one shorter), made by `make`. */
 function pieces(data: Buffer, size: number, make: (n: number) => Buffer = (n) => Buffer.alloc(n)): Buffer[] {
@@ -61,6 +62,25 @@ describe('ThreadHash', () => {
     await again.update(first.buffer as SharedArrayBuffer, first.byteOffset, first.length)
     expect(`sha256:${await again.digest()}`).toBe(digestOf(first))
     expect(runningThreads()).toBe(1)
+    await stopIdleThreads()
+  })
+
+  it('the hashing thread ends by itself once idle for longer than the limit, not while a hash is open', async () => {
+    const previous = setIdleLimit(50)
+    try {
+      const data = randomBytes(2 << 20)
+      const [first, second] = pieces(data, 1 << 20, (n) => Buffer.from(new SharedArrayBuffer(n)))
+      const h = new ThreadHash('sha256')
+      await h.update(first.buffer as SharedArrayBuffer, first.byteOffset, first.length)
+      await setTimeout(300)
+      expect(runningThreads()).toBe(1)
+      await h.update(second.buffer as SharedArrayBuffer, second.byteOffset, second.length)
+      expect(`sha256:${await h.digest()}`).toBe(digestOf(data))
+      for (let waited = 0; runningThreads() > 0 && waited < 5000; waited += 20) await setTimeout(20)
+      expect(runningThreads()).toBe(0)
+    } finally {
+      setIdleLimit(previous)
+    }
   })
 })
 

@@ -5,7 +5,7 @@
 import type { Worker } from 'node:worker_threads'
 import debug from 'debug'
 import type { DigestAlgorithm } from '../digest.js'
-import { type StoppableThread, startScriptWorker, trackThread } from './script-worker.js'
+import { type StoppableThread, idleChanged, startScriptWorker, trackThread } from './script-worker.js'
 
 const log = debug('blobcache:io:hash-thread')
 
@@ -80,13 +80,13 @@ class HashThread implements StoppableThread {
   }
 
   newId(): number {
-    this.#open++
+    if (this.#open++ === 0) idleChanged(this)
     return this.#next++
   }
 
   /** A hash is digested or forgotten: the thread keeps nothing of it once its requests are answered. */
   closed(): void {
-    this.#open--
+    if (--this.#open === 0) idleChanged(this)
   }
 
   /** Sends a request and resolves its answer. */
@@ -112,7 +112,10 @@ class HashThread implements StoppableThread {
     const waiter = queue?.shift()
     if (!waiter) return
     if (queue!.length === 0) this.#waiting.delete(id)
-    if (--this.#pending === 0) this.#worker.unref()
+    if (--this.#pending === 0) {
+      this.#worker.unref()
+      idleChanged(this)
+    }
     if (error !== undefined) waiter.reject(new Error(`the hashing thread failed: ${error}`))
     else waiter.resolve(hex ?? undefined)
   }
@@ -156,8 +159,9 @@ export class ThreadHash {
   /** The hex digest of every piece given. */
   async digest(): Promise<string> {
     this.#done = true
+    const answer = this.#thread.request([this.#id, this.algorithm])
     this.#thread.closed()
-    return (await this.#thread.request([this.#id, this.algorithm]))!
+    return (await answer)!
   }
 
   /** Forgets the hash (after a failure); nothing once digested. */

@@ -30,12 +30,43 @@ export interface StoppableThread {
   stop(): Promise<void>
 }
 
-const live = new Set<StoppableThread>()
+/** The running threads, each with its timer while idle. */
+const live = new Map<StoppableThread, ReturnType<typeof setTimeout> | undefined>()
+/** How long a thread may stay idle before it is ended, in ms (see {@link idleChanged}). */
+let idleLimit = 10_000
 
-/** Counts `thread` among the threads {@link stopIdleThreads} may stop; `false` takes it out. */
+/** Counts `thread` among the running threads (see {@link stopIdleThreads}); `false` takes it out. */
 export function trackThread(thread: StoppableThread, tracked = true): void {
-  if (tracked) live.add(thread)
-  else live.delete(thread)
+  if (tracked) {
+    if (!live.has(thread)) live.set(thread, undefined)
+    return
+  }
+  clearTimeout(live.get(thread))
+  live.delete(thread)
+}
+
+/**
+ * Called whenever `thread` may have become idle or busy. An idle thread is ended once it has
+ * been idle for {@link idleLimit} ms, so that a long-running process that copied something once
+ * gets the threads' memory back (some 20-30 MiB each after a copy of large layers); the timer
+ * does not keep the process alive.
+ */
+export function idleChanged(thread: StoppableThread): void {
+  if (!live.has(thread)) return
+  clearTimeout(live.get(thread))
+  if (!thread.idle) return void live.set(thread, undefined)
+  const timer = setTimeout(() => {
+    if (live.get(thread) === timer && thread.idle) void thread.stop()
+  }, idleLimit)
+  timer.unref()
+  live.set(thread, timer)
+}
+
+/** Sets how long an idle thread lives on, in ms (for tests); resolves the previous value. */
+export function setIdleLimit(ms: number): number {
+  const previous = idleLimit
+  idleLimit = ms
+  return previous
 }
 
 /** How many threads of the package run now (for tests). */
@@ -50,5 +81,5 @@ export function runningThreads(): number {
  * while here they do it in parallel. Busy threads are left alone.
  */
 export async function stopIdleThreads(): Promise<void> {
-  await Promise.all([...live].filter((t) => t.idle).map((t) => t.stop()))
+  await Promise.all([...live.keys()].filter((t) => t.idle).map((t) => t.stop()))
 }
