@@ -675,9 +675,11 @@ class DecompressThread implements StoppableThread {
    */
   start(what: [string, ThreadAlgorithm, string | undefined] | FileCopySpec, job: Job): number {
     const id = this.#next++
-    if (this.#jobs.size === 0) this.#worker.ref()
     this.#jobs.set(id, job)
-    if (this.#jobs.size === 1) idleChanged(this)
+    if (this.#jobs.size === 1) {
+      this.#worker.ref()
+      idleChanged(this)
+    }
     this.#worker.postMessage(Array.isArray(what) ? [id, ...what] : [id, what])
     return id
   }

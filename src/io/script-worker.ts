@@ -54,15 +54,17 @@ export function trackThread(thread: StoppableThread, tracked = true): void {
 export function idleChanged(thread: StoppableThread): void {
   if (!live.has(thread)) return
   clearTimeout(live.get(thread))
-  if (!thread.idle) return void live.set(thread, undefined)
-  const timer = setTimeout(() => {
-    if (live.get(thread) === timer && thread.idle) void thread.stop()
-  }, idleLimit)
-  timer.unref()
+  let timer: ReturnType<typeof setTimeout> | undefined
+  if (thread.idle) {
+    timer = setTimeout(() => {
+      if (live.get(thread) === timer && thread.idle) void thread.stop()
+    }, idleLimit)
+    timer.unref()
+  }
   live.set(thread, timer)
 }
 
-/** Sets how long an idle thread lives on, in ms (for tests); resolves the previous value. */
+/** Sets how long an idle thread lives on, in ms (for tests); returns the previous value. */
 export function setIdleLimit(ms: number): number {
   const previous = idleLimit
   idleLimit = ms
